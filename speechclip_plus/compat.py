@@ -1,0 +1,114 @@
+"""Restore the three APIs s3prl 0.4.18 calls that current torchaudio / huggingface_hub removed.
+
+Import this module (``speechclip_plus.compat.apply()``) before importing s3prl:
+- ``torchaudio.set_audio_backend(name)``: a no-op (audio I/O here goes through soundfile).
+- ``torchaudio.sox_effects.apply_effects_tensor / apply_effects_file``: run the effect chain with the
+  ``sox`` command-line tool (Debian package ``sox``), exchanging 32-bit float WAV through pipes.
+- ``huggingface_hub.HfFolder``: token get/save/delete on the current token file.
+Nothing in site-packages is modified; attributes are added to the imported modules only when missing.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import types
+from typing import List, Sequence, Tuple
+
+_applied = False
+
+
+def _run_sox(input_args: List[str], stdin: bytes, effects: Sequence[Sequence[str]]) -> Tuple["torch.Tensor", int]:
+    import soundfile as sf
+    import torch
+
+    if shutil.which("sox") is None:
+        raise RuntimeError("torchaudio.sox_effects needs the 'sox' program: apt-get install -y sox")
+    flat = [str(x) for effect in effects for x in effect]
+    cmd = ["sox", *input_args, "-t", "wav", "-e", "floating-point", "-b", "32", "-", *flat]
+    proc = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sox failed ({' '.join(cmd)}): {proc.stderr.decode(errors='replace').strip()}")
+    data, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
+    return torch.from_numpy(data.T.copy()), sr
+
+
+def apply_effects_tensor(tensor, sample_rate: int, effects, channels_first: bool = True):
+    """(channels, time) float tensor -> (channels, time) tensor and rate after the sox ``effects``."""
+    import soundfile as sf
+
+    wav = tensor if channels_first else tensor.t()
+    buf = io.BytesIO()
+    sf.write(buf, wav.detach().cpu().numpy().T, int(sample_rate), format="WAV", subtype="FLOAT")
+    out, sr = _run_sox(["-t", "wav", "-"], buf.getvalue(), effects)
+    return (out if channels_first else out.t()), sr
+
+
+def apply_effects_file(path, effects, normalize: bool = True, channels_first: bool = True, format=None):
+    """Read ``path`` and apply the sox ``effects``; returns (tensor, rate)."""
+    args = ([] if format is None else ["-t", format]) + [str(path)]
+    out, sr = _run_sox(args, b"", effects)
+    return (out if channels_first else out.t()), sr
+
+
+class HfFolder:
+    """Minimal stand-in for the removed ``huggingface_hub.HfFolder`` (token file helpers)."""
+
+    @staticmethod
+    def _path():
+        from huggingface_hub import constants
+
+        return constants.HF_TOKEN_PATH
+
+    @classmethod
+    def get_token(cls):
+        from huggingface_hub import get_token
+
+        return get_token()
+
+    @classmethod
+    def save_token(cls, token: str) -> None:
+        import os
+
+        os.makedirs(os.path.dirname(cls._path()), exist_ok=True)
+        with open(cls._path(), "w") as f:
+            f.write(token)
+
+    @classmethod
+    def delete_token(cls) -> None:
+        import os
+
+        try:
+            os.remove(cls._path())
+        except FileNotFoundError:
+            pass
+
+
+def apply() -> None:
+    """Install the missing attributes (idempotent)."""
+    global _applied
+    if _applied:
+        return
+    import huggingface_hub
+    import torchaudio
+
+    if not hasattr(torchaudio, "set_audio_backend"):
+        torchaudio.set_audio_backend = lambda backend=None: None
+    if not hasattr(torchaudio, "sox_effects"):
+        mod = types.ModuleType("torchaudio.sox_effects")
+        mod.apply_effects_tensor = apply_effects_tensor
+        mod.apply_effects_file = apply_effects_file
+        torchaudio.sox_effects = mod
+        sys.modules["torchaudio.sox_effects"] = mod
+    if not hasattr(huggingface_hub, "HfFolder"):
+        huggingface_hub.HfFolder = HfFolder
+    _applied = True
+
+
+def import_s3prl_hub():
+    """``s3prl.hub`` with the compat shims applied first."""
+    apply()
+    import s3prl.hub
+
+    return s3prl.hub

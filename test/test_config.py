@@ -1,0 +1,94 @@
+"""Config loading: defaults, YAML, overrides, validation and path resolution."""
+import os
+
+import pytest
+import yaml
+
+from speechclip_plus.config import ConfigError, DEFAULTS, load_config, model_config, parse_overrides, save_config
+
+CONF_DIR = os.path.join(os.path.dirname(__file__), "..", "speechclip_plus", "conf")
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert cfg == DEFAULTS
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    path = write(tmp_path / "c.yaml", {"model": {"cif": {"threshold": 0.8}}, "train": {"lr": 0.5}})
+    cfg = load_config(path, ["--model.cif.threshold", "0.9", "--train.batch_size=4", "--model.parallel.projection",
+                             "[16, 8]"])
+    assert cfg["model"]["cif"]["threshold"] == 0.9
+    assert cfg["train"]["lr"] == 0.5
+    assert cfg["train"]["batch_size"] == 4
+    assert cfg["model"]["parallel"]["projection"] == [16, 8]
+    assert cfg["model"]["cif"]["max_keywords"] == 75  # untouched default
+
+
+def test_int_accepted_for_float_and_stored_as_float(tmp_path):
+    cfg = load_config(None, ["--model.cif.threshold", "1"])
+    assert isinstance(cfg["model"]["cif"]["threshold"], float)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    path = write(tmp_path / "bad.yaml", {"model": {"cif": {"treshold": 1.0}}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert path in msg and "model.cif.treshold" in msg and "threshold" in msg and "\n" not in msg
+
+
+def test_unknown_override_names_key():
+    with pytest.raises(ConfigError, match="command line: unknown key 'train.lrr'"):
+        load_config(None, ["--train.lrr", "1"])
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path / "bad.yaml", {"train": {"batch_size": "big"}})
+    with pytest.raises(ConfigError, match=r"'train.batch_size' must be int, got str"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["--train.amp", "3"])
+
+
+def test_bad_values_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="model.variant"):
+        load_config(None, ["--model.variant", "q"])
+    with pytest.raises(ConfigError, match="not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    (tmp_path / "broken.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(str(tmp_path / "broken.yaml"))
+    with pytest.raises(ConfigError, match="parallel.weight must be > 0"):
+        load_config(None, ["--model.variant", "h", "--model.parallel.weight", "0"])
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_overrides(["--train.lr"])
+
+
+def test_relative_paths_resolve_against_the_yaml_dir(tmp_path):
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    path = write(sub / "c.yaml", {"model": {"clip": {"vocab": "../vocab.txt", "name": "ViT-B-32",
+                                                     "pretrained": "openai"}}})
+    cfg = load_config(path)
+    assert cfg["model"]["clip"]["vocab"] == str(tmp_path / "vocab.txt")
+    assert cfg["model"]["clip"]["name"] == "ViT-B-32"  # an architecture name is not a path
+    assert cfg["model"]["clip"]["pretrained"] == "openai"
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["--train.lr", "0.003"])
+    save_config(cfg, str(tmp_path / "exp" / "config.yaml"))
+    assert load_config(str(tmp_path / "exp" / "config.yaml")) == cfg
+    assert not [p for p in os.listdir(tmp_path / "exp") if ".tmp" in p]
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(CONF_DIR)))
+def test_shipped_configs_load(name):
+    cfg = load_config(os.path.join(CONF_DIR, name))
+    assert model_config(cfg)["variant"] in ("p", "c", "cplus", "h", "hplus")
