@@ -185,7 +185,7 @@ class SpeechCLIP(nn.Module):
             total = total + self.cfg["cif"]["quantity_weight"] * terms["quantity"]
             terms["keyword_count"] = out["keyword_lengths"].float().mean()
         terms["logit_scale"] = self.contrastive.logit_scale.detach()
-        return {"loss": total, "terms": {k: float(v) for k, v in terms.items()}}
+        return {"loss": total, "terms": {k: float(v.detach()) for k, v in terms.items()}}
 
     # ------------------------------------------------------------------ helpers
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

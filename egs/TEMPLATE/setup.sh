@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Create a new recipe skeleton: egs/TEMPLATE/setup.sh egs/<corpus>
+# Makes <dir>/run.sh (thin: calls the shared stage engine), <dir>/conf/ (copies of the package's model
+# configs to start from), <dir>/local/data.sh (a stub you replace: it must write data/<set>/ Kaldi dirs),
+# and <dir>/db.sh (corpus locations). Existing files are never overwritten.
+set -euo pipefail
+
+if [ $# -ne 1 ] || [ "$1" = --help ] || [ "$1" = -h ]; then
+    echo "Usage: $0 <new recipe dir>   e.g. $0 egs/mycorpus" >&2
+    [ $# -eq 1 ] && exit 0
+    exit 2
+fi
+template=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "${template}/../.." && pwd)
+mkdir -p "$1/conf" "$1/local"
+dir=$(cd "$1" && pwd)
+name=$(basename "${dir}")
+rel=$(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "${template}" "${dir}")
+
+write() {  # write <path> <text>: unless the path exists
+    if [ -e "$1" ]; then
+        echo "keeping existing $1"
+    else
+        printf '%s\n' "$2" >"$1"
+        echo "wrote $1"
+    fi
+}
+
+write "${dir}/run.sh" "#!/usr/bin/env bash
+# Recipe for ${name}: corpus options only; the stages live in ${rel}/speechclip.sh.
+set -euo pipefail
+cd \"\$(dirname \"\$0\")\"
+
+train_set=train
+valid_set=dev
+test_sets=\"test\"
+train_config=conf/base_hplus.yaml
+
+${rel}/speechclip.sh \\
+    --train_set \"\${train_set}\" \\
+    --valid_set \"\${valid_set}\" \\
+    --test_sets \"\${test_sets}\" \\
+    --train_config \"\${train_config}\" \\
+    \"\$@\""
+
+write "${dir}/db.sh" "# shellcheck shell=bash
+# Corpus locations for ${name}; each can be overridden from the environment.
+# shellcheck disable=SC2034
+CORPUS=\${CORPUS:-downloads/${name}}"
+
+write "${dir}/local/data.sh" "#!/usr/bin/env bash
+# Stage 0 of ${name}: turn the corpus into Kaldi data dirs data/{train,dev,test}/ holding wav.scp, text,
+# utt2spk, spk2utt, utt2img, img.scp (absolute paths, sorted with LC_ALL=C). See egs/TEMPLATE/README.md.
+set -euo pipefail
+# shellcheck disable=SC1091
+. ./db.sh
+echo \"\$0: not written yet: read \${CORPUS} and create data/<set>/ (see egs/TEMPLATE/README.md)\" >&2
+exit 1"
+
+chmod +x "${dir}/run.sh" "${dir}/local/data.sh"
+for conf in "${root}"/speechclip_plus/conf/base_*.yaml "${root}"/speechclip_plus/conf/large_*.yaml; do
+    write "${dir}/conf/$(basename "${conf}")" "$(cat "${conf}")"
+done
+echo "Next: write ${dir}/local/data.sh, then run ${dir}/run.sh"

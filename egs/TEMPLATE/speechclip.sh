@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# The shared stage engine of every recipe: data -> audio -> image cache -> vocab -> train -> score -> export.
+# A recipe's run.sh sets its corpus options and calls this script with "$@" last (user options win).
+#
+# Stages (each logged, skipped when its .done marker exists, outputs written atomically):
+#   0  local/data.sh: corpus -> Kaldi data dirs data/<set>/ (validated)
+#   1  audio check/format: 16 kHz mono (converted copies in dump/audio/), data/<set>/utt2dur
+#   2  frozen-CLIP image embeddings: dump/<clip tag>/<set>/img_embed.{ark,scp}
+#   3  vocabularies: data/token_list/clip_vocab_usage.txt (keyword codebook), data/token_list/spm/bpe.model
+#   4  training: exp/<tag>/ (config.yaml, train.log, tensorboard/, checkpoints/, run.sh)
+#   5  scoring on the test sets: exp/<tag>/<set>/results.json, plots, exp/<tag>/RESULTS.md
+#   6  export: exp/<tag>/model.pt (self-contained, for the API and SUPERB)
+set -euo pipefail
+
+log() {
+    local fname=${BASH_SOURCE[1]##*/}
+    echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
+}
+SECONDS=0
+cmdline="$0 $*"
+
+# General options
+stage=0                 # first stage to run
+stop_stage=100          # last stage to run
+skip_train=false        # skip stages 4 (training)
+skip_eval=false         # skip stages 5-6 (scoring, export)
+python=python3          # python interpreter (e.g. "coverage run")
+nj=2                    # parallel jobs for data stages
+ngpu=0                  # GPUs (0 = CPU); >1 launches torchrun
+num_nodes=1             # machines for multi-node training
+node_rank=0             # rank of this machine
+master_addr=localhost   # rendezvous host (multi-node)
+master_port=29500       # rendezvous port
+dumpdir=dump            # features / caches
+expdir=exp              # experiments
+
+# Data options
+local_data_opts=""      # options passed to local/data.sh
+train_set=train         # training set name
+valid_set=dev           # validation set name
+test_sets="test"        # test set names (space separated)
+vocab_source=train      # keyword vocabulary from the train text (train) or every set (all, as the reference)
+spm_vocab_size=500      # sentencepiece BPE size (the spm CIF target and subword statistics)
+image_batch_size=64     # images per batch in stage 2
+
+# Training / scoring options
+train_config=""         # model + training YAML (required)
+train_args=""           # extra overrides, e.g. "--train.lr 1e-4 --model.cif.threshold 0.9"
+tag=""                  # experiment tag (default: from the config name and train_args)
+score_opts=""           # options for speechclip_plus.bin.score
+resume=true             # stage 4 resumes exp/<tag> when it has a last checkpoint
+
+help_message=$(cat <<EOF
+Usage: $0 --train_config <yaml> [options]
+
+Stages: 0 data, 1 audio format, 2 image-embedding cache, 3 vocabularies, 4 train, 5 score, 6 export.
+Options (current values):
+  --stage \${stage}  --stop_stage \${stop_stage}  --skip_train \${skip_train}  --skip_eval \${skip_eval}
+  --python \${python}  --nj \${nj}  --ngpu \${ngpu}  --num_nodes \${num_nodes}  --node_rank \${node_rank}
+  --master_addr \${master_addr}  --master_port \${master_port}  --dumpdir \${dumpdir}  --expdir \${expdir}
+  --local_data_opts "\${local_data_opts}"
+  --train_set \${train_set}  --valid_set \${valid_set}  --test_sets "\${test_sets}"
+  --vocab_source \${vocab_source}  --spm_vocab_size \${spm_vocab_size}  --image_batch_size \${image_batch_size}
+  --train_config \${train_config}  --train_args "\${train_args}"  --tag "\${tag}"
+  --score_opts "\${score_opts}"  --resume \${resume}
+EOF
+)
+
+engine_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck disable=SC1091
+. "${engine_dir}/../../utils/parse_options.sh"
+if [ $# -ne 0 ]; then
+    echo "$0: unexpected arguments: $*" >&2
+    echo "${help_message}" >&2
+    exit 2
+fi
+if [ -z "${train_config}" ]; then
+    echo "$0: --train_config is required" >&2
+    exit 2
+fi
+[ -f "${train_config}" ] || { echo "$0: --train_config ${train_config}: no such file" >&2; exit 2; }
+
+token_list=data/token_list
+vocab_file=${token_list}/clip_vocab_usage.txt
+spm_model=${token_list}/spm/bpe.model
+
+# Experiment tag: config name + overrides, so two settings never share an exp dir.
+if [ -z "${tag}" ]; then
+    tag=$(basename "${train_config}" .yaml)
+    if [ -n "${train_args}" ]; then
+        tag+="_$(echo "${train_args}" | sed -e 's/--//g' -e 's/[ =]\+/_/g' -e 's/[^A-Za-z0-9._+-]//g')"
+    fi
+fi
+exp=${expdir}/${tag}
+
+# Resolved train config (train_args applied) is the single source of the CLIP model used by stages 2-6.
+# shellcheck disable=SC2086
+clip_tag=$(${python} -m speechclip_plus.bin.show_config --config "${train_config}" --clip_tag ${train_args})
+cache_dir=${dumpdir}/${clip_tag}
+
+run_stage() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
+done_or_run() {  # done_or_run <marker> <command...>: run unless the marker exists; touch it after success
+    local marker=$1; shift
+    if [ -f "${marker}" ]; then
+        log "  already done (${marker}); skipping"
+        return 0
+    fi
+    "$@"
+    mkdir -p "$(dirname "${marker}")"
+    touch "${marker}"
+}
+
+all_sets="${train_set} ${valid_set} ${test_sets}"
+
+if run_stage 0; then
+    log "Stage 0: corpus -> Kaldi data dirs: data/{${all_sets// /,}}"
+    # shellcheck disable=SC2086
+    done_or_run data/.stage0.done local/data.sh ${local_data_opts}
+    for dset in ${all_sets}; do
+        ${python} -m speechclip_plus.bin.validate_data "data/${dset}"
+    done
+fi
+
+if run_stage 1; then
+    log "Stage 1: audio check/format (16 kHz mono) + durations: data/<set>/wav.scp -> utt2dur, ${dumpdir}/audio/"
+    for dset in ${all_sets}; do
+        done_or_run "data/${dset}/.stage1.done" \
+            ${python} -m speechclip_plus.bin.format_audio --data_dir "data/${dset}" \
+                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}"
+    done
+fi
+
+if run_stage 2; then
+    log "Stage 2: frozen CLIP image embeddings: data/<set>/img.scp -> ${cache_dir}/<set>/img_embed.scp"
+    for dset in ${all_sets}; do
+        # shellcheck disable=SC2086
+        done_or_run "${cache_dir}/${dset}/.done" \
+            ${python} -m speechclip_plus.bin.embed_images --config "${train_config}" ${train_args} \
+                --data_dir "data/${dset}" --out_dir "${cache_dir}/${dset}" --batch_size "${image_batch_size}"
+    done
+fi
+
+if run_stage 3; then
+    log "Stage 3: vocabularies (source: ${vocab_source}) -> ${vocab_file}, ${spm_model}"
+    texts=(--text "data/${train_set}/text")
+    if [ "${vocab_source}" = all ]; then
+        for dset in ${valid_set} ${test_sets}; do texts+=(--text "data/${dset}/text"); done
+    elif [ "${vocab_source}" != train ]; then
+        echo "$0: --vocab_source must be train or all" >&2; exit 2
+    fi
+    done_or_run "${token_list}/.done" \
+        ${python} -m speechclip_plus.bin.make_vocab "${texts[@]}" --out_dir "${token_list}" \
+            --spm_vocab_size "${spm_vocab_size}"
+fi
+
+if ! "${skip_train}" && run_stage 4; then
+    log "Stage 4: training: ${train_config} ${train_args} -> ${exp}"
+    # shellcheck disable=SC2206
+    train_cmd=(${python} -m speechclip_plus.bin.train --config "${train_config}"
+        --train_data "data/${train_set}" --valid_data "data/${valid_set}"
+        --image_embeds "${cache_dir}/${train_set}/img_embed.scp"
+        --valid_image_embeds "${cache_dir}/${valid_set}/img_embed.scp"
+        --exp_dir "${exp}" --ngpu "${ngpu}" --num_nodes "${num_nodes}" --node_rank "${node_rank}"
+        --master_addr "${master_addr}" --master_port "${master_port}"
+        --model.clip.vocab "${vocab_file}" --data.text_vocab "${spm_model}")
+    if "${resume}"; then train_cmd+=(--resume); fi
+    # shellcheck disable=SC2206
+    train_cmd+=(${train_args})
+    done_or_run "${exp}/.train.done" "${train_cmd[@]}"
+fi
+
+if ! "${skip_eval}" && run_stage 5; then
+    log "Stage 5: scoring ${exp} on: ${test_sets} -> ${exp}/<set>/, ${exp}/RESULTS.md"
+    for dset in ${test_sets}; do
+        # shellcheck disable=SC2086
+        done_or_run "${exp}/${dset}/.done" \
+            ${python} -m speechclip_plus.bin.score --exp_dir "${exp}" --data_dir "data/${dset}" \
+                --image_embeds "${cache_dir}/${dset}/img_embed.scp" --out_dir "${exp}/${dset}" ${score_opts}
+    done
+fi
+
+if ! "${skip_eval}" && run_stage 6; then
+    log "Stage 6: export -> ${exp}/model.pt"
+    done_or_run "${exp}/.export.done" ${python} -m speechclip_plus.bin.export --exp_dir "${exp}" --out "${exp}/model.pt"
+fi
+
+log "Finished (${cmdline}) in ${SECONDS} s"

@@ -1,0 +1,178 @@
+"""The model family: every variant builds from its YAML, trains, keeps frozen parts frozen."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speechclip_plus.config import load_config
+from speechclip_plus.models.losses import MaskedContrastiveLoss
+from speechclip_plus.models.quantizer import KeywordBatchNorm, KeywordQuantizer
+from speechclip_plus.models.speechclip import build_model, random_crop
+
+CONF = os.path.join(os.path.dirname(__file__), "..", "speechclip_plus", "conf")
+VARIANTS = ["p", "c", "cplus", "h", "hplus"]
+
+
+def tiny_model(variant, *overrides):
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(CONF, f"tiny_{variant}.yaml"), list(overrides))
+    return build_model(cfg)
+
+
+def batch(model, n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([16000, 12000, 20000, 9000, 16000, 14000][:n])
+    wav = torch.randn(n, int(lens.max()), generator=g) * 0.1
+    wav = wav * (torch.arange(wav.shape[1])[None] < lens[:, None])
+    image_index = torch.tensor([0, 0, 1, 2, 3, 3][:n])
+    images = F.normalize(torch.randn(4, model.clip.embed_dim, generator=g), dim=-1)
+    return wav, lens, images[image_index], image_index
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_backward_and_training_reduces_loss(variant):
+    torch.set_num_threads(2)
+    model = tiny_model(variant)
+    model.train()
+    wav, lens, img, idx = batch(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen, "upstream and CLIP weights must be frozen"
+    assert not any(n.startswith(("clip.", "upstream.model")) for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+    losses = []
+    for step in range(8):
+        out = model(wav, lens, img, idx, step=step)
+        assert torch.isfinite(out["loss"])
+        opt.zero_grad()
+        out["loss"].backward()
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None, n
+        opt.step()
+        losses.append(out["loss"].item())
+    assert min(losses[-3:]) < losses[0] * 0.9, losses
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
+    expected = {"p": {"cl_parallel"}, "c": {"cl_cascaded"}, "cplus": {"cl_cascaded", "quantity"},
+                "h": {"cl_parallel", "cl_cascaded"}, "hplus": {"cl_parallel", "cl_cascaded", "quantity"}}[variant]
+    assert expected <= set(out["terms"]) and not ({"cl_parallel", "cl_cascaded", "quantity"} - expected) & set(out["terms"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eval_outputs(variant):
+    model = tiny_model(variant).eval()
+    wav, lens, _, _ = batch(model, n=3)
+    with torch.no_grad():
+        out = model(wav, lens)
+    for branch in model.branches:
+        assert out[branch].shape == (3, model.clip.embed_dim)
+        torch.testing.assert_close(out[branch].norm(dim=-1), torch.ones(3))
+    if "cascaded" in model.branches:
+        ids, k = out["keyword_ids"], out["keyword_lengths"]
+        special = {0, model.clip.sot_id, model.clip.eot_id}
+        for b in range(3):
+            used = ids[b, : k[b]].tolist()
+            assert all(i >= 0 and i not in special for i in used)
+            assert (ids[b, k[b]:] == -1).all()
+    states, feat_lens = model.hidden_states(wav, lens)
+    assert len(states) == model.upstream.num_layers + 1
+    assert len({s.shape for s in states}) == 1 and states[0].shape[:2] == (3, int(feat_lens.max()))
+
+
+def test_cif_count_follows_targets_in_training_and_weights_at_inference():
+    model = tiny_model("cplus")
+    wav, lens, img, idx = batch(model)
+    model.train()
+    out = model(wav, lens, img, idx, step=0)
+    assert torch.equal(out["keyword_lengths"], out["cif_targets"])
+    targets = torch.tensor([3, 1, 5, 2, 4, 7])
+    out = model(wav, lens, img, idx, step=0, target_lengths=targets)
+    assert torch.equal(out["keyword_lengths"], targets)
+    model.eval()
+    with torch.no_grad():
+        out = model(wav, lens)
+    alpha_sum = out["cif_alpha"].sum(1)
+    assert ((out["keyword_lengths"] - alpha_sum.floor()).abs() <= 1).all()
+
+
+def test_duration_target_is_one_keyword_per_0p4_seconds():
+    model = tiny_model("cplus")
+    feat_lens = torch.tensor([250, 40, 10])  # fbank: 100 frames/s
+    targets = model.cif_targets(feat_lens * 1)  # rate 160 -> 2.5 s, 0.4 s, 0.1 s
+    assert targets.tolist() == [6, 1, 1]
+
+
+def test_clip_bpe_target_counts_caption_tokens():
+    model = tiny_model("cplus", "--model.cif.target", "clip_bpe")
+    t = model.cif_targets(torch.tensor([100, 100]), texts=["a red circle", "two big blue squares on the left"])
+    assert t.tolist() == [3, 7]
+
+
+def test_random_crop_keeps_short_and_crops_long():
+    torch.manual_seed(0)
+    wav = torch.arange(30.0).repeat(2, 1)
+    lens = torch.tensor([30, 5])
+    out, new = random_crop(wav, lens, 10)
+    assert new.tolist() == [10, 5]
+    start = int(out[0, 0])
+    assert torch.equal(out[0], torch.arange(start, start + 10.0))
+    assert torch.equal(out[1, :5], torch.arange(5.0)) and (out[1, 5:] == 0).all()
+
+
+def test_contrastive_loss_matches_definition_and_masks_same_image():
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    ids = torch.tensor([0, 0, 1, 2, 2])
+    loss = MaskedContrastiveLoss(temperature=0.1, learnable=False)(a, b, ids)
+    logits = (a @ b.t()) / 0.1
+    total = 0.0
+    for i in range(5):  # a -> b: row i, negatives are other images
+        keep = [j for j in range(5) if j == i or ids[j] != ids[i]]
+        total += -logits[i, i] + torch.log(torch.exp(logits[i, keep]).sum())
+        total += -logits[i, i] + torch.log(torch.exp(logits[keep, i]).sum())
+    torch.testing.assert_close(loss, total / 10)
+    big = MaskedContrastiveLoss(temperature=1e-4, learnable=True, max_logit_scale=100.0)
+    assert big.logit_scale.item() == pytest.approx(100.0)
+    assert torch.isfinite(big(a, b, ids))
+
+
+def test_quantizer_straight_through():
+    torch.manual_seed(0)
+    table = torch.randn(10, 6)
+    special = torch.zeros(10, dtype=torch.bool)
+    special[[0, 2]] = True
+    table[0] = table[2] = 0
+    x = table[[0, 2, 5]].clone() + 0.01
+    x[0], x[1] = table[3] * 2, table[7]
+    x.requires_grad_(True)
+    vq = KeywordQuantizer(0.1).train()
+    q = vq(x[None], table, special)
+    assert q["ids"][0].tolist() == [3, 7, 5]
+    torch.testing.assert_close(q["embeddings"][0], table[[3, 7, 5]])
+    q["embeddings"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    xs = torch.randn(1, 50, 6)
+    assert not set(vq(xs, table, special)["ids"].flatten().tolist()) & {0, 2}
+
+
+def test_keyword_batchnorm_ignores_padded_slots_and_inits_per_slot():
+    torch.manual_seed(0)
+    table = torch.randn(20, 4) * torch.tensor([1.0, 2.0, 3.0, 4.0]) + 5
+    bn = KeywordBatchNorm(4, table, n_slots=None).train()
+    x = torch.randn(3, 5, 4)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    y1 = bn(x, pad)
+    x2 = x.clone()
+    x2[pad] = 1e6  # garbage in padded slots changes nothing
+    bn2 = KeywordBatchNorm(4, table, n_slots=None).train()
+    y2 = bn2(x2, pad)
+    torch.testing.assert_close(y1, y2)
+    assert (y2[pad] == 0).all()
+    fixed = KeywordBatchNorm(4, table, n_slots=3)
+    w = fixed.bn.weight.view(3, 4)
+    for k in range(3):
+        torch.testing.assert_close(w[k], table.std(0))
