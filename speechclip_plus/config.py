@@ -29,11 +29,13 @@ DEFAULTS: Dict[str, Any] = {
             "ckpt": None,  # local checkpoint for s3prl *_local / *_custom entries
             "normalize_waveform": False,  # layer-norm each waveform first (S+ base configs)
             "normalize_hiddenstates": False,  # affine-free layer-norm of each state before the weighted sum
+            "per_utterance": False,  # run the upstream one utterance at a time (batch-independent, slower)
         },
         "clip": {
             "name": "ViT-B-32",  # open_clip architecture, or a path to an open_clip model-config .json
             "pretrained": "openai",  # open_clip pretrained tag, a local checkpoint path, or null (random)
             "vocab": None,  # usage-by-frequency file of the reduced keyword vocabulary; null = all tokens
+            "quick_gelu": None,  # QuickGELU towers; null = what the pretrained tag was trained with (openai: true)
         },
         "encoder": {  # trainable attention block on the weighted sum, shared by the branches
             "type": "mha",  # mha: attention + residual + LayerNorm (no FFN) | transformer: post-LN layers + final LN
@@ -93,6 +95,11 @@ DEFAULTS: Dict[str, Any] = {
         "select_metric": "recall_mean_10",
         "num_workers": 2,
         "max_bad_steps": 20,  # consecutive non-finite losses before stopping
+        "save_frozen": None,  # frozen weights in checkpoints: null = only if not from pretrained files; true | false
+        "train_data": None,  # Kaldi data dir (set by bin/train --train_data)
+        "valid_data": None,  # Kaldi data dir (--valid_data); null = no validation
+        "image_embeds": None,  # stage-2 image-embedding scp covering the training images (--image_embeds)
+        "valid_image_embeds": None,  # scp for the validation images; null = image_embeds (--valid_image_embeds)
     },
     "data": {
         "sample_rate": 16000,

@@ -59,9 +59,11 @@ class SpeechCLIP(nn.Module):
         self.cfg = cfg
         self.variant = cfg["variant"]
         up = cfg["upstream"]
-        self.upstream = Upstream(up["name"], up["ckpt"], up["normalize_waveform"], up["normalize_hiddenstates"])
+        self.upstream = Upstream(up["name"], up["ckpt"], up["normalize_waveform"], up["normalize_hiddenstates"],
+                                 per_utterance=up["per_utterance"])
         pretrained = cfg["clip"]["pretrained"] if clip_pretrained == "config" else clip_pretrained
-        self.clip = FrozenCLIP(cfg["clip"]["name"], pretrained, vocab_ids if vocab_ids is not None else cfg["clip"]["vocab"])
+        self.clip = FrozenCLIP(cfg["clip"]["name"], pretrained, vocab_ids if vocab_ids is not None else cfg["clip"]["vocab"],
+                               quick_gelu=cfg["clip"]["quick_gelu"])
         d_model = self.upstream.hidden_dim
 
         self.has_parallel = self.variant in PARALLEL_VARIANTS

@@ -2,9 +2,10 @@
 
 They are built from the same classes as the real models and stored in the formats the real loaders read, so
 every loading path is exercised:
-- ``TINY_CLIP_CONFIG``: an open_clip model-config json (``FrozenCLIP(name=TINY_CLIP_CONFIG, pretrained=None)``).
-- ``save_tiny_hubert``: a checkpoint in s3prl's converted HuBERT format, loaded by ``hubert_local(ckpt=path)``.
+- ``TINY_CLIP_CONFIG``: an open_clip model-config json (``FrozenCLIP(TINY_CLIP_CONFIG, pretrained=None)``).
+- ``save_tiny_hubert``: a checkpoint in s3prl's converted HuBERT format, read by ``hubert_local(ckpt=path)``.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,6 +42,9 @@ def tiny_hubert_state(
     """
     if dim % heads:
         raise ValueError(f"tiny HuBERT: dim={dim} is not divisible by heads={heads}")
+    from ..compat import apply
+
+    apply()  # s3prl may only be imported after the compat shims
     from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertModel, HubertPretrainingConfig
     from s3prl.upstream.utils import merge_with_parent
 
@@ -64,7 +68,9 @@ def tiny_hubert_state(
     try:
         torch.manual_seed(seed)
         model = HubertModel(
-            merge_with_parent(HubertConfig, model_cfg), merge_with_parent(HubertPretrainingConfig, task_cfg), symbols
+            merge_with_parent(HubertConfig, model_cfg),
+            merge_with_parent(HubertPretrainingConfig, task_cfg),
+            symbols,
         )
     finally:
         torch.random.set_rng_state(rng_state)
@@ -88,7 +94,7 @@ def save_tiny_hubert(
 ) -> str:
     """Write a random tiny HuBERT checkpoint readable by s3prl's ``hubert_local(ckpt=path)``; returns path.
 
-    The model has ``layers`` transformer layers (so s3prl yields ``layers + 1`` hidden states of width ``dim``)
+    The model has ``layers`` transformer layers (s3prl yields ``layers + 1`` hidden states of width ``dim``)
     and HuBERT's 320x conv downsampling. Extra keyword arguments go to ``tiny_hubert_state``.
     Written to a temporary name in the same directory, then renamed.
     """

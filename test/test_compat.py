@@ -1,0 +1,109 @@
+"""compat: the torchaudio / huggingface_hub APIs s3prl 0.4.18 uses, restored without editing site-packages."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechclip_plus import compat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code, **env):
+    """Run ``code`` in a fresh interpreter (global import state stays clean) from the repository root."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_s3prl_hub_needs_apply():
+    without = run_python("import s3prl.hub")
+    assert without.returncode != 0 and "set_audio_backend" in without.stderr
+    with_apply = run_python(
+        "from speechclip_plus import compat\n"
+        "hub = compat.import_s3prl_hub()\n"
+        "assert callable(hub.hubert_local) and callable(hub.fbank)\n"
+        "print('ok')"
+    )
+    assert with_apply.returncode == 0, with_apply.stderr[-2000:]
+    assert with_apply.stdout.strip().endswith("ok")
+
+
+def test_set_audio_backend_exists_after_apply():
+    compat.apply()
+    compat.apply()  # idempotent
+    import torchaudio
+
+    assert torchaudio.set_audio_backend("sox_io") is None
+
+
+def tone(seconds, rate, freq=440.0):
+    t = torch.arange(int(seconds * rate)) / rate
+    return 0.3 * torch.sin(2 * torch.pi * freq * t)
+
+
+def test_apply_effects_tensor_resamples():
+    compat.apply()
+    import torchaudio
+
+    x = torch.stack([tone(0.5, 16000), tone(0.5, 16000, 880.0)])  # (channels, time)
+    y, sr = torchaudio.sox_effects.apply_effects_tensor(x, 16000, [["rate", "8000"]])
+    assert sr == 8000 and y.shape == (2, 4000)
+    # the pitch survives: the spectrum peak of channel 0 is still at 440 Hz
+    spec = torch.fft.rfft(y[0]).abs()
+    assert abs(spec.argmax().item() * 8000 / y.shape[1] - 440) < 5
+    z, sr = torchaudio.sox_effects.apply_effects_tensor(
+        x.t(), 16000, [["rate", "22050"]], channels_first=False
+    )
+    assert sr == 22050 and z.shape == (11025, 2)
+
+
+def test_apply_effects_file(tmp_path):
+    compat.apply()
+    import torchaudio
+
+    path = tmp_path / "a.wav"
+    sf.write(path, tone(1.0, 16000).numpy(), 16000)
+    y, sr = torchaudio.sox_effects.apply_effects_file(str(path), [["channels", "1"], ["rate", "24000"]])
+    assert sr == 24000 and y.shape == (1, 24000)
+    ref = sf.read(path, dtype="float32")[0]
+    assert np.isclose(np.abs(y.numpy()).max(), np.abs(ref).max(), rtol=0.05)
+    with pytest.raises(RuntimeError, match="sox failed"):
+        torchaudio.sox_effects.apply_effects_file(str(tmp_path / "missing.wav"), [["rate", "8000"]])
+
+
+def test_hffolder_token_file(tmp_path):
+    compat.apply()
+    import huggingface_hub
+
+    assert hasattr(huggingface_hub, "HfFolder")
+    # token round trip in a fresh interpreter whose HF home is a temporary directory
+    code = (
+        "from speechclip_plus import compat\n"
+        "compat.apply()\n"
+        "from huggingface_hub import HfFolder\n"
+        "assert HfFolder.get_token() is None\n"
+        "HfFolder.save_token('hf_test_token')\n"
+        "import os; from huggingface_hub import constants; assert os.path.isfile(constants.HF_TOKEN_PATH)\n"
+        "assert HfFolder.get_token() == 'hf_test_token', HfFolder.get_token()\n"
+        "HfFolder.delete_token()\n"
+        "assert HfFolder.get_token() is None\n"
+        "print('ok')"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_TOKEN")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "hf" / "token").exists()
