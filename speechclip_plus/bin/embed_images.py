@@ -1,0 +1,95 @@
+"""Stage 2: frozen CLIP image embeddings of the images of one or more data dirs, computed once.
+
+    python -m speechclip_plus.bin.embed_images --data_dir data/train [--data_dir ...] --out_dir DIR \
+        [--config conf/x.yaml [--model.clip.name ...]] [--clip_name ViT-B-32 --clip_pretrained openai]
+
+Embeds the union of the data dirs' img.scp (an image id shared by two dirs must have the same path) into
+<out_dir>/img_embed.{ark,scp} (kaldiio, float32, L2-normalised). The CLIP model is --clip_name /
+--clip_pretrained, else model.clip.{name,pretrained} of the config (with dotted overrides), else the config
+defaults. --clip_pretrained none = random weights (tests only). Skipped when the scp already lists exactly
+these images, unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Dict, List, Optional
+
+from speechclip_plus.config import ConfigError, load_config
+from speechclip_plus.data.datadir import DataDir, DataError, read_kv
+from speechclip_plus.data.image_cache import SCP_NAME, compute_image_embeddings
+
+
+def _up_to_date(scp: str, ids) -> bool:
+    """The scp lists exactly ``ids`` and the ark files it points into exist."""
+    if not os.path.isfile(scp):
+        return False
+    try:
+        entries = read_kv(scp)
+    except DataError:
+        return False
+    arks = {v.rsplit(":", 1)[0] for v in entries.values()}
+    return set(entries) == set(ids) and all(os.path.isfile(a) for a in arks)
+
+
+def gather_images(data_dirs: List[str]) -> Dict[str, str]:
+    """Union of the dirs' ``img.scp``; ``DataError`` if one id has two paths."""
+    images: Dict[str, str] = {}
+    origin: Dict[str, str] = {}
+    for d in data_dirs:
+        for image_id, path in DataDir(d).img.items():
+            if image_id in images and images[image_id] != path:
+                raise DataError(f"image {image_id} is {images[image_id]} in {origin[image_id]}/img.scp "
+                                f"but {path} in {d}/img.scp")
+            images[image_id] = path
+            origin.setdefault(image_id, d)
+    return images
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", action="append", required=True, help="data dir with img.scp (repeatable)")
+    parser.add_argument("--out_dir", required=True, help="output directory of img_embed.{ark,scp}")
+    parser.add_argument("--config", help="training YAML naming the CLIP model (model.clip.*)")
+    parser.add_argument("--clip_name", help="open_clip architecture or model-config .json (overrides the config)")
+    parser.add_argument("--clip_pretrained", help="open_clip tag, checkpoint file or 'none' (overrides the config)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    parser.add_argument("--overwrite", action="store_true", help="recompute even if the cache is complete")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("--") and not o.lstrip("-").split("=")[0].count(".")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are dotted: --model.clip.name)")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        clip_cfg = load_config(args.config, overrides)["model"]["clip"]
+        name = args.clip_name or clip_cfg["name"]
+        pretrained = clip_cfg["pretrained"] if args.clip_pretrained is None else args.clip_pretrained
+        if pretrained is not None and pretrained.lower() in ("none", "null", ""):
+            pretrained = None
+        images = gather_images(args.data_dir)
+        if not args.overwrite and _up_to_date(os.path.join(args.out_dir, SCP_NAME), images):
+            logging.info("%d image embedding(s) already in %s: skipped", len(images), args.out_dir)
+            return 0
+        import torch
+
+        from speechclip_plus.models.clip import FrozenCLIP
+
+        clip = FrozenCLIP(name, pretrained).to(torch.device(args.device))
+        logging.info("CLIP %s (weights: %s) on %d image(s) of %s", name, pretrained or "random", len(images),
+                     " ".join(args.data_dir))
+        compute_image_embeddings(images, lambda x: clip.encode_image(x).float().cpu(), clip.preprocess,
+                                 args.out_dir, batch_size=args.batch_size, progress=not args.no_progress)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
