@@ -5,6 +5,11 @@ Import this module (``speechclip_plus.compat.apply()``) before importing s3prl:
 - ``torchaudio.sox_effects.apply_effects_tensor / apply_effects_file``: run the effect chain with the
   ``sox`` command-line tool (Debian package ``sox``), exchanging 32-bit float WAV through pipes.
 - ``huggingface_hub.HfFolder``: token get/save/delete on the current token file.
+Two more that s3prl's downstream runner needs (``python -m speechclip_plus.superb``):
+- ``torchaudio.load`` when torchcodec (its only backend in torchaudio >= 2.9) is absent: read with soundfile
+  (s3prl's ER, IC, SID, ASR and PR datasets call it).
+- ``huggingface_hub.Repository`` (imported by ``s3prl.downstream.runner``, used only to push to the Hub):
+  a stand-in that raises when used.
 Nothing in site-packages is modified; attributes are added to the imported modules only when missing.
 """
 from __future__ import annotations
@@ -50,6 +55,28 @@ def apply_effects_file(path, effects, normalize: bool = True, channels_first: bo
     args = ([] if format is None else ["-t", format]) + [str(path)]
     out, sr = _run_sox(args, b"", effects)
     return (out if channels_first else out.t()), sr
+
+
+def load_with_soundfile(uri, frame_offset: int = 0, num_frames: int = -1, normalize: bool = True,
+                        channels_first: bool = True, format=None, buffer_size: int = 4096, backend=None):
+    """``torchaudio.load`` through soundfile: (channels, frames) float32 in [-1, 1] and the sample rate."""
+    import soundfile as sf
+    import torch
+
+    if not normalize:
+        raise ValueError(f"torchaudio.load({uri!r}, normalize=False): integer output is not supported by the "
+                         "soundfile fallback (install torchcodec for it)")
+    data, rate = sf.read(uri, start=int(frame_offset), frames=int(num_frames), dtype="float32", always_2d=True)
+    wav = torch.from_numpy(data.T.copy())
+    return (wav if channels_first else wav.t()), rate
+
+
+class RepositoryUnavailable:
+    """Stand-in for ``huggingface_hub.Repository`` (removed upstream); s3prl uses it only to push to the Hub."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("huggingface_hub.Repository no longer exists: s3prl's push-to-Hub "
+                           "(--hub huggingface / push_to_huggingface_hub) is not available")
 
 
 class HfFolder:
@@ -103,6 +130,13 @@ def apply() -> None:
         sys.modules["torchaudio.sox_effects"] = mod
     if not hasattr(huggingface_hub, "HfFolder"):
         huggingface_hub.HfFolder = HfFolder
+    if not hasattr(huggingface_hub, "Repository"):
+        huggingface_hub.Repository = RepositoryUnavailable
+    import importlib.util
+
+    if importlib.util.find_spec("torchcodec") is None and getattr(torchaudio.load, "__module__", "").startswith(
+            "torchaudio"):
+        torchaudio.load = load_with_soundfile
     _applied = True
 
 

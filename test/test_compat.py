@@ -107,3 +107,21 @@ def test_hffolder_token_file(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (tmp_path / "hf" / "token").exists()
+
+
+def test_torchaudio_load_falls_back_to_soundfile_and_repository_stand_in(tmp_path):
+    import huggingface_hub
+    import numpy as np
+    import soundfile as sf
+    import torchaudio
+
+    from speechclip_plus import compat
+
+    compat.apply()
+    tone = (0.3 * np.sin(np.arange(8000) / 10)).astype("float32")
+    sf.write(tmp_path / "stereo.wav", np.stack([tone, -tone], 1), 8000, subtype="FLOAT")
+    wav, rate = torchaudio.load(str(tmp_path / "stereo.wav"), frame_offset=100, num_frames=400)
+    assert rate == 8000 and tuple(wav.shape) == (2, 400)
+    assert np.allclose(wav[0].numpy(), tone[100:500]) and np.allclose(wav[1].numpy(), -tone[100:500])
+    with pytest.raises(RuntimeError, match="push-to-Hub"):
+        huggingface_hub.Repository("x")
