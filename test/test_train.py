@@ -1,0 +1,332 @@
+"""Training engine: schedule, checkpoint files, trainer behaviour and the command-line entry point.
+
+Tiny model (``conf/tiny_*.yaml``: fbank upstream, random tiny CLIP) on a generated corpus of 8 short tones.
+``make_corpus`` / ``tiny_config`` are shared with ``test_resume.py`` and ``test_distributed.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
+EMBED_DIM = 48  # speechclip_plus/models/clip_configs/tiny-clip.json
+
+
+def make_corpus(root: Path, n_utts: int = 8, n_images: int = 4, seed: int = 0, name: str = "train",
+                embed_dim: int = EMBED_DIM, seconds=None):
+    """A Kaldi data dir of ``n_utts`` noisy tones (16 kHz; 0.5-1 s, or all ``seconds`` long) over ``n_images``
+    images plus an image-embedding scp of random unit vectors. Returns (data_dir, img_embed.scp)."""
+    import kaldiio
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    d = root / "data" / name
+    wavs = root / "wav" / name
+    for p in (d, wavs, root / "img"):
+        p.mkdir(parents=True, exist_ok=True)
+    words = ["dog", "cat", "red", "ball", "grass", "runs", "water", "man"]
+    lines = {k: [] for k in ("wav.scp", "text", "utt2spk", "utt2img", "utt2dur")}
+    images = [f"img{j:02d}" for j in range(n_images)]
+    for i in range(n_utts):
+        spk, utt = f"spk{i % 2}", f"spk{i % 2}-{name}{i:03d}"
+        n = int(16000 * (seconds or 0.5 + 0.5 * rng.random()))
+        t = np.arange(n) / 16000
+        wav = 0.3 * np.sin(2 * np.pi * (200 + 60 * i) * t) + 0.01 * rng.standard_normal(n)
+        path = wavs / f"{utt}.wav"
+        sf.write(path, wav.astype(np.float32), 16000)
+        lines["wav.scp"].append(f"{utt} {path}")
+        lines["text"].append(f"{utt} a {words[i % 8]} and a {words[(3 * i + 1) % 8]}")
+        lines["utt2spk"].append(f"{utt} {spk}")
+        lines["utt2img"].append(f"{utt} {images[i % n_images]}")
+        lines["utt2dur"].append(f"{utt} {n / 16000:.4f}")
+    for fname, rows in lines.items():
+        (d / fname).write_text("".join(r + "\n" for r in sorted(rows)))
+    spk2utt = {}
+    for row in sorted(lines["utt2spk"]):
+        utt, spk = row.split()
+        spk2utt.setdefault(spk, []).append(utt)
+    (d / "spk2utt").write_text("".join(f"{s} {' '.join(u)}\n" for s, u in sorted(spk2utt.items())))
+    img_lines = []
+    for img in images:
+        (root / "img" / f"{img}.jpg").write_bytes(b"")
+        img_lines.append(f"{img} {root / 'img' / f'{img}.jpg'}")
+    (d / "img.scp").write_text("".join(r + "\n" for r in sorted(img_lines)))
+    emb_dir = root / "dump" / name
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    with kaldiio.WriteHelper(f"ark,scp:{emb_dir / 'img_embed.ark'},{emb_dir / 'img_embed.scp'}") as w:
+        for img in images:
+            v = rng.standard_normal(embed_dim).astype(np.float32)
+            w(img, v / np.linalg.norm(v))
+    return d, emb_dir / "img_embed.scp"
+
+
+def tiny_config(variant: str = "p", model=None, **train):
+    """Resolved tiny config: AMP off, no workers, a 0.75 s crop (``crop=False``: none), ``train`` keys and the
+    nested ``model`` dict on top."""
+    from speechclip_plus.config import load_config
+
+    crop = train.pop("crop", 12000)
+    data = {"train": {"amp": False, "num_workers": 0, **train},
+            "model": {"max_audio_len": crop or None, **(model or {})}}
+    return load_config(str(CONF / f"tiny_{variant}.yaml"), data=data)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    train, emb = make_corpus(root, 8, 4, seed=0, name="train")
+    dev, dev_emb = make_corpus(root, 6, 3, seed=1, name="dev")
+    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
+            "valid_image_embeds": str(dev_emb)}
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+def test_schedule_warms_up_then_decays_to_final_lr():
+    from speechclip_plus.train.scheduler import build_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=1e-3)
+    sched = build_scheduler(opt, warmup_steps=4, max_steps=12, final_lr=1e-5)
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 4)  # warm-up starts near 0, not at 0
+    assert lrs[3] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:3], lrs[1:4]))
+    assert lrs[4] == pytest.approx(1e-3)  # decay starts at warmup_steps
+    assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13]))
+    assert lrs[8] == pytest.approx(1e-3 + (1e-5 - 1e-3) * 4 / 8)
+    assert lrs[12:] == pytest.approx([1e-5] * 4)  # held at final_lr after max_steps
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    from speechclip_plus.train.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    state = rng_state()
+    torch.save({"rng": state}, tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.rand(3), np.random.standard_normal(), random.random())
+    set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), np.random.standard_normal(), random.random())
+    assert torch.equal(expected[0], got[0])
+    assert np.array_equal(expected[1], got[1])
+    assert expected[2:] == got[2:]
+
+
+def test_checkpoint_dir_rotates_and_links(tmp_path):
+    from speechclip_plus.train.checkpoint import CheckpointDir
+
+    ck = CheckpointDir(str(tmp_path / "ck"), keep=2)
+    for step in (1, 2, 3):
+        ck.save({"step": step}, step, is_best=step == 2)
+    assert ck.steps() == [2, 3]
+    assert torch.load(ck.last, weights_only=True)["step"] == 3
+    ck.save({"step": 4}, 4)
+    assert ck.steps() == [3, 4]
+    assert torch.load(ck.best, weights_only=True)["step"] == 2  # survives rotation of step-2.pt
+    assert not [f for f in os.listdir(ck.path) if "tmp" in f]
+    for s in (1, 2, 3):
+        ck.append_metrics({"step": s, "x": s * 1.5})
+    ck.trim_metrics(2)
+    assert [r["step"] for r in ck.read_metrics()] == [1, 2]
+
+
+def test_frozen_weights_left_out_and_checked_on_load():
+    from speechclip_plus.train.checkpoint import frozen_parameter_names, load_model_state, model_state
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1))
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    excluded = frozen_parameter_names(net)
+    assert excluded == ["0.weight", "0.bias"]
+    state = model_state(net, excluded)
+    assert "0.weight" not in state and "1.running_mean" in state
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1))
+    load_model_state(other, state, excluded)
+    assert torch.equal(other[2].weight, net[2].weight)
+    with pytest.raises(RuntimeError, match="missing"):
+        load_model_state(other, {k: v for k, v in state.items() if k != "2.bias"}, excluded)
+
+
+def test_valid_batches_split_equally_and_cover_everything():
+    from speechclip_plus.train.trainer import valid_batches
+
+    order = list(range(7))
+    assert valid_batches(order, 3, 1, 0) == [[0, 1, 2], [3, 4, 5], [6]]
+    r0, r1 = valid_batches(order, 3, 2, 0), valid_batches(order, 3, 2, 1)
+    assert [len(b) for b in r0] == [len(b) for b in r1] == [2, 2]
+    assert sorted({i for b in r0 + r1 for i in b}) == order
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def _trainer(cfg, exp, **kw):
+    from speechclip_plus.train.trainer import Trainer
+
+    return Trainer(cfg, str(exp), progress=False, console=False, **kw)
+
+
+def test_trainer_writes_checkpoints_metrics_and_logs(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config("cplus", max_steps=4, valid_every=2, batch_size=4, keep_checkpoints=1, warmup_steps=1,
+                      log_every=1, **corpus)
+    exp = tmp_path / "exp"
+    tr = _trainer(cfg, exp)
+    before = {n: p.detach().clone() for n, p in tr.raw_model.named_parameters()}
+    out = tr.fit()
+    tr.close()
+    assert out["step"] == 4 and out["epoch"] == 3 // len(tr.sampler)  # the epoch of step 4 (0-based)
+    changed = [n for n, p in tr.raw_model.named_parameters() if not torch.equal(before[n], p)]
+    trainable = {n for n, p in tr.raw_model.named_parameters() if p.requires_grad}
+    assert changed and set(changed) <= trainable
+
+    ck = exp / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["best.pt", "last.pt", "metrics.jsonl", "step-4.pt"]
+    state = torch.load(ck / "last.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["train"]["train_data"] == corpus["train_data"]
+    params = dict(tr.raw_model.named_parameters())
+    assert all(torch.equal(state["model"][n], p.detach()) for n, p in params.items() if p.requires_grad)
+    records = [json.loads(x) for x in (ck / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for key in ("loss", "quantity", "cascaded/recall_mean_10", "cascaded/speech_to_image_r1",
+                "cascaded/image_to_speech_r5"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    best = max(records, key=lambda r: (r["cascaded/recall_mean_10"], -r["step"]))
+    assert torch.load(ck / "best.pt", weights_only=True)["step"] == best["step"]
+    assert out["best"]["value"] == best["cascaded/recall_mean_10"]
+
+    log = (exp / "train.log").read_text()
+    for needle in ("git_sha", "torch =", "open_clip_torch =", "s3prl =", "host =", "world size 1",
+                   "effective global batch = 4", "validation at step 4"):
+        assert needle in log, needle
+    ev = EventAccumulator(str(exp / "tensorboard"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/logit_scale", "train/keyword_count",
+                "train/quantity", "valid/cascaded/recall_mean_10", "valid/loss"):
+        assert tag in tags, tag
+    assert [e.step for e in ev.Scalars("train/loss")] == [1, 2, 3, 4]
+    # a second run into the same exp dir must not overwrite it silently
+    with pytest.raises(RuntimeError, match="--resume"):
+        _trainer(cfg, exp)
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients(corpus, tmp_path):
+    """accum_grad=2: the step's gradient is the mean of the two micro-batches' gradients."""
+    from speechclip_plus.data import collate
+
+    train = {k: v for k, v in corpus.items() if k != "valid_data"}
+    cfg = tiny_config("p", batch_size=4, accum_grad=2, max_steps=1, valid_every=1, warmup_steps=0,
+                      grad_clip=0.0, crop=False, **train)
+    tr = _trainer(cfg, tmp_path / "exp")
+    model = tr.raw_model
+    seen = []
+    tr.optimizer.step = lambda *a, **k: seen.append({n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None})  # record, do not update
+    tr.fit()
+    batches = [b for e in range(2) for b in tr.sampler.batches(e)][:2]  # the two micro-batches of step 1
+    assert len(seen) == 1 and tr.step == 1
+    expected = {}
+    for idx in batches:
+        model.zero_grad()
+        batch = collate([tr.train_set[i] for i in idx])
+        model(**tr._inputs(batch))["loss"].backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                expected[n] = expected.get(n, 0) + p.grad / 2
+    assert set(expected) == set(seen[0])
+    for n, g in expected.items():
+        torch.testing.assert_close(seen[0][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path):
+    from speechclip_plus.train.trainer import TrainingDiverged
+
+    cfg = tiny_config("p", max_steps=6, valid_every=2, batch_size=4, max_bad_steps=3, **corpus)
+    exp = tmp_path / "exp"
+    tr = _trainer(cfg, exp)
+    real_forward = tr.model.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kw):
+        out = real_forward(*args, **kw)
+        if tr.model.training:
+            calls["n"] += 1
+            if calls["n"] == 2 or calls["n"] >= 4:  # one isolated bad batch, then only bad ones
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+    tr.model.forward = forward
+    with pytest.raises(TrainingDiverged, match="3 consecutive .*last good checkpoint: .*last.pt"):
+        tr.fit()
+    # batches 1 and 3 were good -> steps 1 and 2; step 2 was checkpointed; the NaN steps changed nothing
+    assert tr.step == 2 and tr.total_bad_steps == 4
+    state = torch.load(exp / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 2
+    for name, value in state["model"].items():
+        assert torch.isfinite(value.float()).all(), name
+    assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())
+
+
+def test_cli_trains_writes_exp_dir_and_resumes(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "speechclip_plus.bin.train", "--config", str(CONF / "tiny_p.yaml"),
+           "--train_data", corpus["train_data"], "--valid_data", corpus["valid_data"],
+           "--image_embeds", corpus["image_embeds"], "--valid_image_embeds", corpus["valid_image_embeds"],
+           "--exp_dir", str(exp), "--no_progress", "--train.max_steps", "2", "--train.valid_every", "1",
+           "--train.batch_size", "4", "--train.num_workers", "0", "--train.amp", "true"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for f in ("config.yaml", "train.log", "run.sh", "checkpoints/last.pt", "checkpoints/best.pt",
+              "checkpoints/step-1.pt", "checkpoints/step-2.pt", "checkpoints/metrics.jsonl"):
+        assert (exp / f).exists(), f
+    assert list((exp / "tensorboard").glob("events.out.tfevents.*"))
+    import yaml
+
+    saved = yaml.safe_load((exp / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 2 and saved["train"]["valid_data"] == corpus["valid_data"]
+    run_sh = (exp / "run.sh").read_text()
+    assert "--resume" in run_sh and str(exp / "config.yaml") in run_sh
+    # run.sh resumes from the saved config alone; raising max_steps continues from step 2 (run in-process)
+    from speechclip_plus.bin.train import main
+
+    line = run_sh.strip().splitlines()[-1]
+    words = shlex.split(line)
+    assert words[:3] == [sys.executable, "-m", "speechclip_plus.bin.train"] and words[-1] == "$@"
+    assert main(words[3:-1] + ["--train.max_steps", "3", "--no_progress"]) == 0
+    assert torch.load(exp / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    log = (exp / "train.log").read_text()
+    assert "resumed from" in log and "changed training options: train.max_steps" in log
+
+
+def test_cli_print_config_dry_run_and_bad_override(corpus, tmp_path):
+    from speechclip_plus.bin.train import main
+
+    args = ["--config", str(CONF / "tiny_c.yaml"), "--train_data", corpus["train_data"],
+            "--image_embeds", corpus["image_embeds"]]
+    assert main(args + ["--print_config", "--train.lr", "0.5"]) == 0
+    assert main(args + ["--train.lrr", "1", "--exp_dir", str(tmp_path / "x")]) == 2
+    assert main(args + ["--dry_run"]) == 0
+    assert not (tmp_path / "x").exists()
