@@ -1,0 +1,330 @@
+"""Scoring pipeline (recipe stage 5): embed a data dir with a model, then retrieval, keywords, plots, files.
+
+Steps of ``score``:
+1. Every utterance of the data dir goes through the model in eval mode (``embed_data_dir``: batches of
+   similar length, upstream run per utterance by default so nothing depends on batch composition).
+2. Retrieval per branch (``parallel``, ``cascaded``; for hybrids also ``combined`` =
+   normalize(parallel + cascaded)) against the data dir's images, whose embeddings come from the stage-2
+   cache and are L2-normalised here: ``eval.retrieval.recall_at_k``, R@1/5/10 both ways, fractions in [0, 1].
+   Every image used by an utterance is a candidate (images of ``img.scp`` without an utterance are not).
+3. Keywords (cascaded branches). The published keyword metrics were never released; these definitions are
+   ours (implemented in ``eval.keywords``). An utterance's keywords are the CLIP token ids its K slots
+   quantise to (K = n_keywords for ``c``/``h``, the CIF count for ``c+``/``h+``), compared with the CLIP BPE
+   ids of its transcription (``normalize_caption``, open_clip's tokenizer, no SOT/EOT):
+   - subword hit rate: share of all keywords whose id occurs in the transcription's ids; hit@5: share of
+     keywords one of whose 5 nearest tokens occurs;
+   - word hit rate: share of all keywords that are whole-word tokens (``...</w>``) equal to a word of the
+     normalised transcription;
+   - duplicate rate: mean over utterances of 1 - distinct(keywords) / K;
+   - CIF only: mean K, mean target and count error mean |K - target|, with the model's own target
+     (``cif.target``: duration, clip_bpe, or spm through ``data.text_vocab``).
+4. Outputs in ``out_dir``: ``results.json`` (everything), ``keywords.txt`` (``<utt> <token> ...``),
+   ``keywords.jsonl`` (per utterance: tokens, ids, CIF times, neighbours, transcription tokens, target),
+   ``plots/cif_<utt>.png`` (CIF weights and fires over the log-mel spectrogram) and
+   ``plots/retrieval_<branch>.png`` (top-5 images of a few spoken queries, the correct one framed); a section
+   of ``RESULTS.md`` (one row per branch) replaced or appended. All writes are atomic.
+
+Unlike the rest of ``eval/`` this module drives a model: it takes a built ``SpeechCLIP`` (loading is the
+caller's, see ``speechclip_plus.api``) and uses the API's batch helpers, so scores and API embeddings agree.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .keywords import keyword_metrics
+from .report import atomic_write, format_table, write_md_section, write_results_json
+from .retrieval import recall_at_k, top_k_images
+
+log = logging.getLogger(__name__)
+
+KS = (1, 5, 10)
+N_NEIGHBOURS = 5
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+def length_sorted_batches(durations: Sequence[float], batch_size: int) -> List[List[int]]:
+    """Indices in batches of ``batch_size``, longest utterances first (stable), so padding stays small."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(durations)), key=lambda i: (-durations[i], i))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def iterate_data_dir(dataset, batch_size: int, progress: bool = True, desc: str = "embed") -> Iterator[Dict]:
+    """Collated batches of a ``SpeechImageDataset`` (length-sorted, see ``length_sorted_batches``), each with
+    ``index`` (positions in the dataset)."""
+    from tqdm import tqdm
+
+    from ..data.dataset import collate
+
+    batches = length_sorted_batches(dataset.durations(), batch_size)
+    with tqdm(total=len(dataset), desc=desc, unit="utt", disable=not progress) as bar:
+        for idx in batches:
+            batch = collate([dataset[i] for i in idx])
+            batch["index"] = idx
+            yield batch
+            bar.update(len(idx))
+
+
+@dataclass
+class Embedded:
+    """Model outputs of every utterance of a data dir, in the dataset's (sorted utterance id) order."""
+
+    utts: List[str]
+    texts: List[str]
+    image_ids: List[str]
+    embeddings: Dict[str, torch.Tensor]  # branch -> (N, E), unit norm (combined included for hybrids)
+    keywords: List[Optional[Dict[str, Any]]] = field(default_factory=list)  # per utt, cascaded variants
+
+
+def _cif_target_lengths(model, texts: Sequence[str], spm) -> Optional[torch.Tensor]:
+    if spm is None:
+        return None
+    return torch.tensor([max(1, len(spm.encode(t))) for t in texts])
+
+
+def load_spm_for(model, cfg: Dict):
+    """The sentencepiece model a ``cif.target: spm`` model counts targets with (``data.text_vocab``), else None."""
+    if not getattr(model, "has_cif", False) or model.cfg["cif"]["target"] != "spm":
+        return None
+    path = (cfg.get("data") or {}).get("text_vocab")
+    if not path or not os.path.isfile(path):
+        log.warning("cif.target=spm but data.text_vocab (%s) is not available: no CIF count error", path)
+        return None
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=path)
+
+
+def embed_data_dir(model, data_dir: str, batch_size: int = 16, device: str = "cpu", spm=None,
+                   progress: bool = True) -> Embedded:
+    """Run ``model`` (a ``SpeechCLIP`` in eval mode) over every utterance of ``data_dir``.
+
+    Keyword records (cascaded variants) hold ``ids``, ``neighbours`` (K x 5 ids), ``tokens``, CIF ``alpha``
+    over the valid frames, ``spans`` (frame spans), ``fires`` (fire frames) and ``target`` (or None).
+    """
+    from ..api import branch_embedding, eval_forward, keyword_spans
+    from ..data.dataset import SpeechImageDataset
+
+    ds = SpeechImageDataset(data_dir)
+    n = len(ds)
+    if n == 0:
+        raise ValueError(f"{data_dir}: no utterances")
+    branches = list(model.branches) + (["combined"] if len(model.branches) == 2 else [])
+    emb = {b: torch.empty(n, model.clip.embed_dim) for b in branches}
+    kws: List[Optional[Dict[str, Any]]] = [None] * n
+    beta = float(model.cfg["cif"]["threshold"])
+    for batch in iterate_data_dir(ds, batch_size, progress, desc=f"score {os.path.basename(data_dir)}"):
+        idx = batch["index"]
+        texts = list(batch["text"])
+        out = eval_forward(model, batch["wav"].to(device), batch["wav_len"].to(device), texts=texts,
+                           target_lengths=_cif_target_lengths(model, texts, spm))
+        for b in branches:
+            emb[b][idx] = branch_embedding(out, b).cpu()
+        if "cascaded" not in out:
+            continue
+        for row, i in enumerate(idx):
+            k = int(out["keyword_lengths"][row])
+            ids = [int(t) for t in out["keyword_ids"][row, :k].tolist()]
+            rec: Dict[str, Any] = {
+                "ids": ids,
+                "tokens": model.clip.decode_ids(ids),
+                "neighbours": out["keyword_neighbours"][row, :k, :N_NEIGHBOURS].tolist(),
+                "target": None,
+                "alpha": None, "spans": None, "fires": None,
+            }
+            if "cif_alpha" in out:
+                t_len = int(out["feat_lens"][row])
+                alpha = out["cif_alpha"][row, :t_len].float().cpu()
+                spans = keyword_spans(alpha, k, t_len, beta)
+                total = float(alpha.double().sum())
+                rec.update(alpha=alpha.numpy(), spans=spans,
+                           fires=[e for j, (_, e) in enumerate(spans) if (j + 1) * beta <= total + 1e-9])
+                if "cif_targets" in out:
+                    rec["target"] = int(out["cif_targets"][row])
+            kws[i] = rec
+    image_ids = [ds.utt2img[u] for u in ds.utts]
+    return Embedded(list(ds.utts), [ds.text[u] for u in ds.utts], image_ids, emb,
+                    kws if "cascaded" in model.branches else [])
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def image_matrix(image_embeds: Dict[str, np.ndarray], image_ids: Sequence[str], where: str):
+    """(the used image ids, sorted; their (M, E) unit-norm embeddings; speech2image (N,) rows into them)."""
+    unique = sorted(set(image_ids))
+    missing = [i for i in unique if i not in image_embeds]
+    if missing:
+        raise ValueError(f"{where}: no embedding for {len(missing)} image(s), e.g. {missing[0]} (rerun stage 2)")
+    mat = torch.stack([torch.from_numpy(np.array(image_embeds[i], dtype=np.float32).reshape(-1)) for i in unique])
+    row = {img: k for k, img in enumerate(unique)}
+    return unique, F.normalize(mat, dim=-1), torch.tensor([row[i] for i in image_ids], dtype=torch.long)
+
+
+def transcription_ids(model, texts: Sequence[str]) -> List[List[int]]:
+    """CLIP BPE ids of each transcription (``normalize_caption``, open_clip's tokenizer; no SOT/EOT)."""
+    from ..data.vocab import normalize_caption
+
+    return model.clip.tokenize_ids([normalize_caption(t) for t in texts])
+
+
+def keyword_report(model, emb: Embedded, text_ids: Sequence[Sequence[int]]) -> Dict[str, Any]:
+    """``keyword_metrics`` over every utterance of ``emb`` against its transcription's ``text_ids``."""
+    records = []
+    for utt, text, tids, rec in zip(emb.utts, emb.texts, text_ids, emb.keywords):
+        r = {"utt": utt, "keywords": rec["ids"], "text_tokens": tids, "words": text.split(),
+             "neighbors": rec["neighbours"]}
+        if rec["target"] is not None:
+            r["target"] = rec["target"]
+        records.append(r)
+    vocab: Dict[int, str] = {}
+
+    def id_to_token(i: int) -> str:
+        if i not in vocab:
+            vocab[i] = model.clip.decode_ids([i])[0]
+        return vocab[i]
+
+    return keyword_metrics(records, id_to_token, n_neighbors=N_NEIGHBOURS)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def _keyword_lines(model, emb: Embedded, text_ids: Sequence[Sequence[int]]) -> Tuple[str, str]:
+    """``keywords.txt`` and ``keywords.jsonl`` contents (see the module docstring)."""
+    hop = model.upstream.downsample_rate / 16000.0
+    txt, jsonl = [], []
+    for utt, text, rec, tids in zip(emb.utts, emb.texts, emb.keywords, text_ids):
+        txt.append(" ".join([utt] + rec["tokens"]) + "\n")
+        kw = []
+        for j, (tok, tid, nb) in enumerate(zip(rec["tokens"], rec["ids"], rec["neighbours"])):
+            item = {"token": tok, "token_id": tid, "neighbours": model.clip.decode_ids(nb)}
+            if rec["spans"] is not None:
+                s, e = rec["spans"][j]
+                item.update(start=round(s * hop, 4), end=round((e + 1) * hop, 4))
+            kw.append(item)
+        jsonl.append(json.dumps({"utt": utt, "text": text, "keywords": kw,
+                                 "text_tokens": model.clip.decode_ids(tids),
+                                 "target": rec["target"]}, ensure_ascii=False) + "\n")
+    return "".join(txt), "".join(jsonl)
+
+
+def _plots(model, emb: Embedded, data_dir: str, out_dir: str, branch: str, images: torch.Tensor,
+           image_list: List[str], speech2image: torch.Tensor, num_plots: int) -> List[str]:
+    """CIF segmentation and retrieval figures for the first ``num_plots`` utterances; returns the files."""
+    from ..data.audio import load_audio
+    from ..data.datadir import DataDir
+    from .plots import plot_cif_segmentation, plot_retrieval_examples
+
+    written: List[str] = []
+    if num_plots <= 0:
+        return written
+    plot_dir = os.path.join(out_dir, "plots")
+    d = DataDir(data_dir)
+    picks = list(range(min(num_plots, len(emb.utts))))
+    if emb.keywords and emb.keywords[0]["alpha"] is not None:
+        rate = 16000.0 / model.upstream.downsample_rate
+        for i in picks:
+            rec, utt = emb.keywords[i], emb.utts[i]
+            path = os.path.join(plot_dir, f"cif_{utt}.png")
+            try:
+                plot_cif_segmentation(path, load_audio(d.wav[utt]), rec["alpha"], rec["fires"], rec["tokens"],
+                                      frame_rate_hz=rate, title=f"{utt}: {emb.texts[i]}")
+                written.append(path)
+            except (ValueError, OSError) as e:
+                log.warning("CIF plot of %s skipped: %s", utt, e)
+    k = min(5, images.shape[0])
+    _, top = top_k_images(emb.embeddings[branch][picks], images, k=k)
+    queries = []
+    for row, i in enumerate(picks):
+        found = [image_list[j] for j in top[row].tolist()]
+        truth = image_list[int(speech2image[i])]
+        queries.append((f"{emb.utts[i]}: {emb.texts[i]}", [d.img[j] for j in found],
+                        found.index(truth) if truth in found else None))
+    path = os.path.join(plot_dir, f"retrieval_{branch}.png")
+    try:
+        plot_retrieval_examples(path, queries)
+        written.append(path)
+    except (ValueError, OSError) as e:
+        log.warning("retrieval plot skipped: %s", e)
+    return written
+
+
+RETRIEVAL_COLUMNS = [
+    ("branch", "branch", "text"),
+    ("speech_to_image_r1", "S→I R@1"), ("speech_to_image_r5", "S→I R@5"), ("speech_to_image_r10", "S→I R@10"),
+    ("image_to_speech_r1", "I→S R@1"), ("image_to_speech_r5", "I→S R@5"), ("image_to_speech_r10", "I→S R@10"),
+]
+KEYWORD_COLUMNS = [
+    ("subword_hit_rate", "kw subword hit"), (f"subword_hit_rate_at{N_NEIGHBOURS}", f"kw hit@{N_NEIGHBOURS}"),
+    ("word_hit_rate", "kw word hit"), ("duplicate_rate", "kw dup"), ("mean_keywords", "mean K"),
+    ("count_error", "|K-target|"),
+]
+
+
+def results_table(results: Dict[str, Any]) -> str:
+    """The Markdown table of a ``results.json`` dict: one row per branch (keyword columns on ``cascaded``)."""
+    rows = []
+    for branch, metrics in results["retrieval"].items():
+        row = {"branch": branch + (" *" if branch == results.get("retrieval_branch") else ""), **metrics}
+        if branch == "cascaded" and results.get("keywords"):
+            row.update(results["keywords"])
+        rows.append(row)
+    cols = list(RETRIEVAL_COLUMNS) + (list(KEYWORD_COLUMNS) if results.get("keywords") else [])
+    return format_table(rows, cols)
+
+
+def score(model, data_dir: str, image_embeds: str, out_dir: str, exp_dir: Optional[str] = None,
+          cfg: Optional[Dict] = None, label: str = "", meta: Optional[Dict] = None, batch_size: int = 16,
+          num_plots: int = 4, device: str = "cpu", progress: bool = True) -> Dict[str, Any]:
+    """Score ``model`` on ``data_dir`` (steps in the module docstring); returns the ``results.json`` dict.
+
+    ``label`` names the model in ``RESULTS.md`` (e.g. ``best.pt step 2000``); the section title is
+    ``<data set>: <label>``, and rescoring replaces that section.
+    """
+    from ..data.image_cache import load_image_embeddings
+
+    cfg = cfg or {"model": model.cfg}
+    model.eval()
+    emb = embed_data_dir(model, data_dir, batch_size, device, load_spm_for(model, cfg), progress)
+    image_list, images, s2i = image_matrix(load_image_embeddings(image_embeds), emb.image_ids, image_embeds)
+    if images.shape[1] != model.clip.embed_dim:
+        raise ValueError(f"{image_embeds}: image embeddings have dim {images.shape[1]}, the model's CLIP has "
+                         f"{model.clip.embed_dim} (computed with another CLIP?)")
+    retrieval = {b: recall_at_k(e, images, s2i, ks=KS) for b, e in emb.embeddings.items()}
+    text_ids = transcription_ids(model, emb.texts) if emb.keywords else []
+    kw_metrics = keyword_report(model, emb, text_ids) if emb.keywords else None
+    set_name = os.path.basename(os.path.normpath(data_dir))
+    results: Dict[str, Any] = {
+        "data_dir": os.path.abspath(data_dir),
+        "set": set_name,
+        "image_embeds": os.path.abspath(image_embeds),
+        "model": dict(meta or {}),
+        "variant": model.variant,
+        "retrieval_branch": model.retrieval_branch,
+        "n_utterances": len(emb.utts),
+        "n_images": len(image_list),
+        "retrieval": retrieval,
+        "keywords": kw_metrics,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    if emb.keywords:
+        txt, jsonl = _keyword_lines(model, emb, text_ids)
+        atomic_write(os.path.join(out_dir, "keywords.txt"), txt)
+        atomic_write(os.path.join(out_dir, "keywords.jsonl"), jsonl)
+    results["plots"] = [os.path.relpath(p, out_dir) for p in
+                        _plots(model, emb, data_dir, out_dir, model.retrieval_branch, images, image_list, s2i,
+                               num_plots)]
+    write_results_json(os.path.join(out_dir, "results.json"), results)
+    if exp_dir is not None:
+        title = f"{set_name}: {label}" if label else set_name
+        note = (f"Variant `{model.variant}`, {len(emb.utts)} utterances, {len(image_list)} images; recall and "
+                f"keyword rates in %. `*` = the model's retrieval branch. Details: "
+                f"`{os.path.relpath(os.path.join(out_dir, 'results.json'), exp_dir)}`.")
+        write_md_section(os.path.join(exp_dir, "RESULTS.md"), title, note + "\n\n" + results_table(results))
+    return results

@@ -1,0 +1,246 @@
+"""Scoring (stage 5), export (stage 6) and extraction on a generated corpus and a briefly trained tiny model.
+
+``make_data_dir`` and ``train_exp`` are shared with ``test_api.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
+EMBED_DIM = 48  # speechclip_plus/models/clip_configs/tiny-clip.json
+WORDS = ["dog", "cat", "red", "ball", "grass", "runs", "water", "man", "girl", "beach"]
+
+
+def make_data_dir(root: Path, name: str = "test", n_images: int = 3, caps_per_image: int = 2, seed: int = 0):
+    """A Kaldi data dir: ``n_images`` small PNGs with ``caps_per_image`` spoken captions each (tone + noise,
+    0.6-1.2 s, 16 kHz float WAV), and an image-embedding scp of random unit vectors (kaldiio).
+    Returns (data_dir, img_embed.scp)."""
+    import kaldiio
+    import soundfile as sf
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    d, wavs, imgs, dump = root / "data" / name, root / "wav" / name, root / "img" / name, root / "dump" / name
+    for p in (d, wavs, imgs, dump):
+        p.mkdir(parents=True, exist_ok=True)
+    rows = {k: [] for k in ("wav.scp", "text", "utt2spk", "utt2img", "img.scp")}
+    spk2utt = {}
+    for j in range(n_images):
+        img = f"img{j:02d}"
+        path = imgs / f"{img}.png"
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(path)
+        rows["img.scp"].append(f"{img} {path}")
+        for c in range(caps_per_image):
+            i = j * caps_per_image + c
+            spk, utt = f"spk{c}", f"spk{c}-{name}{i:03d}"
+            n = int(16000 * (0.6 + 0.6 * rng.random()))
+            t = np.arange(n) / 16000
+            wav = 0.3 * np.sin(2 * np.pi * (180 + 70 * i) * t) + 0.02 * rng.standard_normal(n)
+            sf.write(wavs / f"{utt}.wav", wav.astype(np.float32), 16000, subtype="FLOAT")
+            rows["wav.scp"].append(f"{utt} {wavs / f'{utt}.wav'}")
+            rows["text"].append(f"{utt} A {WORDS[i % 10]} and the {WORDS[(3 * i + 1) % 10]}.")
+            rows["utt2spk"].append(f"{utt} {spk}")
+            rows["utt2img"].append(f"{utt} {img}")
+            spk2utt.setdefault(spk, []).append(utt)
+    for fname, lines in rows.items():
+        (d / fname).write_text("".join(r + "\n" for r in sorted(lines)))
+    (d / "spk2utt").write_text("".join(f"{s} {' '.join(sorted(u))}\n" for s, u in sorted(spk2utt.items())))
+    with kaldiio.WriteHelper(f"ark,scp:{dump / 'img_embed.ark'},{dump / 'img_embed.scp'}") as w:
+        for j in range(n_images):
+            v = rng.standard_normal(EMBED_DIM).astype(np.float32)
+            w(f"img{j:02d}", v / np.linalg.norm(v))
+    return d, dump / "img_embed.scp"
+
+
+def write_vocab(path: Path) -> str:
+    """A reduced keyword vocabulary (as stage 3 writes it): the CLIP ids of the corpus words plus 200 others,
+    so the tiny models quantise onto a few hundred tokens instead of all 49408."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from speechclip_plus.models.clip import save_vocab_usage
+
+    tok = SimpleTokenizer()
+    ids = [tok.sot_token_id, tok.eot_token_id]
+    for w in WORDS + ["a", "and", "the", "."]:
+        ids += [i for i in tok.encode(w) if i not in ids]
+    ids += [i for i in range(1000, 1200) if i not in ids]
+    save_vocab_usage(path, ids, list(range(len(ids), 0, -1)))
+    return str(path)
+
+
+def train_exp(root: Path, variant: str, *overrides: str, steps: int = 2):
+    """A real exp dir: the trainer run for ``steps`` optimiser steps on a generated corpus (validation and
+    checkpoints at the end), with a reduced keyword vocabulary. Returns (exp_dir, trainer)."""
+    from speechclip_plus.config import load_config
+    from speechclip_plus.train.trainer import Trainer
+
+    overrides = ("--model.clip.vocab", write_vocab(root / "vocab.txt")) + overrides
+    train, emb = make_data_dir(root, "train", n_images=3, caps_per_image=2, seed=1)
+    data = {"train": {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(train),
+                      "amp": False, "num_workers": 0, "batch_size": 3, "max_steps": steps, "valid_every": steps,
+                      "warmup_steps": 1, "log_every": 1, "lr": 1e-3}}
+    cfg = load_config(str(CONF / f"tiny_{variant}.yaml"), list(overrides), data=data)
+    exp = root / "exp" / f"tiny_{variant}"
+    tr = Trainer(cfg, str(exp), progress=False, console=False)
+    tr.fit()
+    tr.close()
+    return exp, tr
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A trained tiny hplus exp dir scored on a test set of 3 images x 2 captions."""
+    from speechclip_plus.bin.score import main
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("score")
+    exp, _ = train_exp(root, "hplus")
+    data, emb = make_data_dir(root, "test")
+    out = exp / "test"
+    args = ["--exp_dir", str(exp), "--data_dir", str(data), "--image_embeds", str(emb), "--out_dir", str(out),
+            "--batch_size", "1", "--num_plots", "2", "--no_progress", "--device", "cpu"]
+    assert main(args) == 0
+    return {"root": root, "exp": exp, "data": data, "emb": emb, "out": out, "args": args}
+
+
+def _utts(data: Path):
+    return [line.split()[0] for line in (data / "wav.scp").read_text().splitlines()]
+
+
+def _wav_paths(data: Path):
+    return [line.split(maxsplit=1)[1] for line in (data / "wav.scp").read_text().splitlines()]
+
+
+def test_results_json_matches_direct_recall_on_model_embeddings(scored):
+    from speechclip_plus import SpeechCLIPPlus
+    from speechclip_plus.data import load_image_embeddings
+    from speechclip_plus.eval.retrieval import recall_at_k
+
+    res = json.loads((scored["out"] / "results.json").read_text())
+    assert res["variant"] == "hplus" and res["retrieval_branch"] == "parallel"
+    assert res["n_utterances"] == 6 and res["n_images"] == 3
+    assert res["model"]["checkpoint"] == "best.pt" and res["model"]["step"] == 2
+    assert set(res["retrieval"]) == {"parallel", "cascaded", "combined"}
+
+    api = SpeechCLIPPlus.from_pretrained(scored["exp"])
+    data = scored["data"]
+    utt2img = dict(line.split() for line in (data / "utt2img").read_text().splitlines())
+    images = sorted(set(utt2img.values()))
+    table = load_image_embeddings(scored["emb"])
+    img = torch.nn.functional.normalize(torch.stack([torch.from_numpy(table[i]) for i in images]), dim=-1)
+    s2i = torch.tensor([images.index(utt2img[u]) for u in _utts(data)])
+    for branch in ("parallel", "cascaded", "combined"):
+        speech = api.embed_speech(_wav_paths(data), branch=branch, batch_size=1)
+        expected = recall_at_k(speech, img, s2i, ks=(1, 5, 10))
+        assert res["retrieval"][branch] == expected, branch
+
+    kw = res["keywords"]
+    for key in ("subword_hit_rate", "subword_hit_rate_at5", "word_hit_rate", "duplicate_rate", "mean_keywords",
+                "mean_target", "count_error", "n_keywords"):
+        assert key in kw, key
+    # the keyword file holds exactly what the API reads for each utterance
+    lines = (scored["out"] / "keywords.txt").read_text().splitlines()
+    assert [ln.split()[0] for ln in lines] == _utts(data)
+    for line, path in zip(lines, _wav_paths(data)):
+        assert line.split()[1:] == [k["token"] for k in api.keywords(path)]
+    assert kw["n_keywords"] == sum(len(ln.split()) - 1 for ln in lines)
+    detail = [json.loads(x) for x in (scored["out"] / "keywords.jsonl").read_text().splitlines()]
+    assert detail[0]["text_tokens"][:2] == ["a</w>", WORDS[0] + "</w>"]  # CLIP BPE of "A dog and the cat."
+    assert "." not in "".join(detail[0]["text_tokens"])  # trailing period removed before tokenising
+    assert all(k["start"] <= k["end"] for d in detail for k in d["keywords"])
+
+
+def test_results_md_table_and_plots(scored):
+    md = (scored["exp"] / "RESULTS.md").read_text()
+    assert md.count("## test: best.pt (step 2)") == 1
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert rows[0].startswith("| branch") and "S→I R@1" in rows[0] and "kw subword hit" in rows[0]
+    body = {r.split("|")[1].strip(): r for r in rows[1:]}
+    assert set(body) == {"parallel *", "cascaded", "combined"}
+    res = json.loads((scored["out"] / "results.json").read_text())
+    r1 = f"{100 * res['retrieval']['cascaded']['speech_to_image_r1']:.2f}"
+    assert body["cascaded"].split("|")[2].strip() == r1
+    dup = f"{100 * res['keywords']['duplicate_rate']:.2f}"
+    assert dup in body["cascaded"] and body["parallel *"].rstrip(" |").endswith("-")
+
+    plots = sorted(os.listdir(scored["out"] / "plots"))
+    utts = _utts(scored["data"])
+    assert plots == sorted([f"cif_{utts[0]}.png", f"cif_{utts[1]}.png", "retrieval_parallel.png"])
+    for p in plots:
+        assert (scored["out"] / "plots" / p).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(res["plots"]) == [f"plots/{p}" for p in plots]
+
+
+def test_rescoring_replaces_its_section_and_untrained_adds_one(scored):
+    from speechclip_plus.bin.score import main
+
+    assert main(scored["args"]) == 0
+    out2 = scored["root"] / "untrained"
+    args = scored["args"][:7] + [str(out2), "--untrained", "--num_plots", "0", "--no_progress"]
+    assert main(args) == 0
+    md = (scored["exp"] / "RESULTS.md").read_text()
+    assert md.count("## test: best.pt (step 2)") == 1
+    assert md.count("## test: untrained (seed 7122)") == 1
+    trained = json.loads((scored["out"] / "results.json").read_text())
+    untrained = json.loads((out2 / "results.json").read_text())
+    assert untrained["model"]["untrained"] is True and trained["model"]["checkpoint"] == "best.pt"
+    assert not (out2 / "plots").exists()
+
+
+def test_score_cli_errors_name_the_problem(scored, capsys):
+    from speechclip_plus.bin.score import main
+
+    assert main(scored["args"] + ["--checkpoint", "last.pt"]) == 1
+    assert "checkpoint not found: last.pt" in capsys.readouterr().err
+    bad = list(scored["args"])
+    bad[bad.index("--image_embeds") + 1] = str(scored["root"] / "missing.scp")
+    assert main(bad) == 1
+    assert "missing.scp" in capsys.readouterr().err
+
+
+def test_export_and_extract_cli(scored, tmp_path, monkeypatch):
+    import kaldiio
+
+    from speechclip_plus import SpeechCLIPPlus
+    from speechclip_plus.bin.export import main as export_main
+    from speechclip_plus.bin.extract import main as extract_main
+
+    monkeypatch.setenv("SPEECHCLIP_PLUS_CACHE", str(tmp_path / "cache"))
+    model_file = tmp_path / "model.pt"
+    assert export_main(["--exp_dir", str(scored["exp"]), "--out", str(model_file)]) == 0
+    payload = torch.load(model_file, weights_only=True)
+    assert payload["meta"] == {"checkpoint": "best.pt", "step": 2, "exp": "tiny_hplus"}
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temporary file left
+    api = SpeechCLIPPlus.from_pretrained(model_file)
+    paths = _wav_paths(scored["data"])
+
+    out = tmp_path / "emb"
+    assert extract_main(["--model", str(model_file), "--data_dir", str(scored["data"]), "--out_dir", str(out),
+                         "--branch", "cascaded", "--batch_size", "4", "--no_progress"]) == 0
+    got = dict(kaldiio.load_scp(str(out / "embed.scp")))
+    assert list(got) == _utts(scored["data"])
+    ref = api.embed_speech(paths, branch="cascaded")
+    torch.testing.assert_close(torch.stack([torch.from_numpy(got[u]) for u in got]), ref, atol=1e-5, rtol=0)
+
+    assert extract_main(["--exp_dir", str(scored["exp"]), "--data_dir", str(scored["data"]), "--out_dir",
+                         str(out), "--branch", "hidden", "--layer", "0", "--no_progress"]) == 0
+    got = dict(kaldiio.load_scp(str(out / "embed.scp")))
+    for u, p in zip(_utts(scored["data"]), paths):
+        torch.testing.assert_close(torch.from_numpy(got[u]), api.hidden_states(p)[0], atol=1e-5, rtol=0)
+    assert sorted(os.listdir(out)) == ["embed.ark", "embed.scp"]
+    first = (out / "embed.scp").read_text().splitlines()[0]
+    assert re.match(rf"^\S+ {re.escape(str(out))}/embed\.ark:\d+$", first)
+
+    assert extract_main(["--model", str(model_file), "--data_dir", str(scored["data"]), "--out_dir", str(out),
+                         "--branch", "hidden", "--layer", "9", "--no_progress"]) == 1
+    assert export_main(["--exp_dir", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 1
