@@ -176,3 +176,17 @@ def test_keyword_batchnorm_ignores_padded_slots_and_inits_per_slot():
     w = fixed.bn.weight.view(3, 4)
     for k in range(3):
         torch.testing.assert_close(w[k], table.std(0))
+
+
+def test_spm_target_model_embeds_without_targets_at_inference_but_needs_them_in_training():
+    model = tiny_model("cplus", "--model.cif.target", "spm")
+    wav, lens, img, idx = batch(model, n=2)
+    model.eval()
+    with torch.no_grad():
+        out = model(wav, lens, img, idx)
+    assert "cif_targets" not in out and "quantity" not in out["terms"] and "cascaded" in out
+    model.train()
+    with pytest.raises(ValueError, match="needs target_lengths"):
+        model(wav, lens, img, idx)
+    out = model(wav, lens, img, idx, target_lengths=torch.tensor([2, 3]))
+    assert out["keyword_lengths"].tolist() == [2, 3] and "quantity" in out["terms"]

@@ -144,7 +144,7 @@ class SpeechCLIP(nn.Module):
         Returns a dict with ``parallel`` / ``cascaded`` (B, E) unit-norm embeddings (those the variant has),
         ``keyword_ids`` (B, K) original CLIP ids (-1 = padding), ``keyword_neighbours`` (B, K, 5),
         ``keyword_lengths`` (B,), for CIF variants ``cif_alpha`` (B, T), ``cif_fire_mask`` (B, T),
-        ``cif_targets`` (B,); ``feat_lens`` (B,); and, given images, ``loss`` and ``terms`` (floats).
+        ``cif_targets`` (B,) when known (always in training); ``feat_lens`` (B,); and, given images, ``loss`` and ``terms`` (floats).
         """
         max_len = self.cfg["max_audio_len"]
         if self.training and max_len:
@@ -159,11 +159,16 @@ class SpeechCLIP(nn.Module):
             kw = self.keywords(enc[:, start:start + self.n_fixed], self.clip, lengths)
         if self.has_cif:
             frames, frame_pad = enc[:, self.n_cls:], pad[:, self.n_cls:]
-            targets = self.cif_targets(feat_lens, texts, target_lengths)
+            known = target_lengths is not None or self.cfg["cif"]["target"] == "duration" or (
+                self.cfg["cif"]["target"] == "clip_bpe" and texts is not None)
+            # Training needs targets; at inference they are only reported (count error, L_QUA on validation).
+            targets = self.cif_targets(feat_lens, texts, target_lengths) if (self.training or known) else None
             with torch.autocast(enc.device.type, enabled=False):
                 c = self.cif(frames.float(), frame_pad, targets if self.training else None, step)
             kw = self.keywords(c.feats, self.clip, c.lengths, c.pad_mask)
-            out.update(cif_alpha=c.alpha, cif_fire_mask=c.fire_mask, cif_targets=targets, cif_quantity=c.quantity)
+            out.update(cif_alpha=c.alpha, cif_fire_mask=c.fire_mask, cif_quantity=c.quantity)
+            if targets is not None:
+                out["cif_targets"] = targets
         if self.n_fixed or self.has_cif:
             out.update(cascaded=kw["embedding"], keyword_ids=kw["ids"], keyword_neighbours=kw["neighbours"],
                        keyword_lengths=kw["lengths"])
@@ -183,8 +188,9 @@ class SpeechCLIP(nn.Module):
             terms["cl_cascaded"] = self.contrastive(out["cascaded"], image, image_index)
             total = total + self.cfg["cascaded"]["weight"] * terms["cl_cascaded"]
         if self.has_cif:
-            terms["quantity"] = quantity_loss(out["cif_quantity"], out["cif_targets"])
-            total = total + self.cfg["cif"]["quantity_weight"] * terms["quantity"]
+            if "cif_targets" in out:
+                terms["quantity"] = quantity_loss(out["cif_quantity"], out["cif_targets"])
+                total = total + self.cfg["cif"]["quantity_weight"] * terms["quantity"]
             terms["keyword_count"] = out["keyword_lengths"].float().mean()
         terms["logit_scale"] = self.contrastive.logit_scale.detach()
         return {"loss": total, "terms": {k: float(v.detach()) for k, v in terms.items()}}
