@@ -27,6 +27,7 @@ DEFAULTS: Dict[str, Any] = {
         "upstream": {
             "name": "hubert_base",  # s3prl hub entry (hubert_base, hubert_large_ll60k, wavlm_base_plus, fbank, ...)
             "ckpt": None,  # local checkpoint for s3prl *_local / *_custom entries
+            "model_config": None,  # s3prl upstream config file (e.g. features for baseline_local)
             "normalize_waveform": False,  # layer-norm each waveform first (S+ base configs)
             "normalize_hiddenstates": False,  # affine-free layer-norm of each state before the weighted sum
             "per_utterance": False,  # run the upstream one utterance at a time (batch-independent, slower)
@@ -110,6 +111,7 @@ DEFAULTS: Dict[str, Any] = {
 # Keys whose values are file paths (resolved relative to the YAML that sets them).
 PATH_KEYS = {
     "model.upstream.ckpt",
+    "model.upstream.model_config",
     "model.clip.vocab",
     "model.clip.name",
     "model.clip.pretrained",

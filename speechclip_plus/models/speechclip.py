@@ -60,7 +60,7 @@ class SpeechCLIP(nn.Module):
         self.variant = cfg["variant"]
         up = cfg["upstream"]
         self.upstream = Upstream(up["name"], up["ckpt"], up["normalize_waveform"], up["normalize_hiddenstates"],
-                                 per_utterance=up["per_utterance"])
+                                 per_utterance=up["per_utterance"], model_config=up["model_config"])
         pretrained = cfg["clip"]["pretrained"] if clip_pretrained == "config" else clip_pretrained
         self.clip = FrozenCLIP(cfg["clip"]["name"], pretrained, vocab_ids if vocab_ids is not None else cfg["clip"]["vocab"],
                                quick_gelu=cfg["clip"]["quick_gelu"])

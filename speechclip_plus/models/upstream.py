@@ -36,7 +36,8 @@ def _probe_wave(n: int = PROBE_SAMPLES) -> torch.Tensor:
 class Upstream(nn.Module):
     """Frozen s3prl upstream + learnable softmax-weighted sum of its hidden states.
 
-    name: an s3prl hub entry; built as ``getattr(hub, name)(ckpt=ckpt)`` (no arguments if ckpt is None).
+    name: an s3prl hub entry; built as ``getattr(hub, name)(ckpt=ckpt, model_config=model_config)`` (each
+      argument passed only when set).
     normalize_waveform: layer-norm each waveform over its valid samples first.
     normalize_hiddenstates: layer-norm (no affine) each state over its last dim before the weighted sum.
     per_utterance: run the upstream one utterance at a time (see the module docstring); a plain attribute,
@@ -52,6 +53,7 @@ class Upstream(nn.Module):
         normalize_waveform: bool = False,
         normalize_hiddenstates: bool = False,
         per_utterance: bool = False,
+        model_config: Optional[str] = None,
     ):
         super().__init__()
         from ..compat import import_s3prl_hub
@@ -61,7 +63,10 @@ class Upstream(nn.Module):
         if not callable(entry):
             raise ValueError(f"unknown s3prl upstream '{name}' (not an entry of s3prl.hub)")
         self.name = name
-        self.upstream = entry(ckpt=ckpt) if ckpt else entry()
+        kwargs = {"ckpt": ckpt} if ckpt else {}
+        if model_config:  # s3prl's -g option, e.g. a feature config for baseline_local
+            kwargs["model_config"] = model_config
+        self.upstream = entry(**kwargs)
         for module in self.upstream.modules():
             if isinstance(getattr(module, "layerdrop", None), float):
                 module.layerdrop = 0.0
