@@ -1,0 +1,317 @@
+"""Continuous Integrate-and-Fire (CIF): frame sequence -> a variable number of keyword vectors.
+
+Per sample, frame weights ``alpha_s >= 0`` are integrated over time; every time the running sum crosses a
+multiple of the threshold ``beta`` a keyword "fires".  Keyword ``k`` is the weighted sum of the frames whose
+weight falls into the interval ``[k beta, (k + 1) beta)`` of the cumulative sum (a frame straddling a boundary
+is split between its two keywords; a frame whose weight spans several intervals fires several times).
+
+The implementation never runs a Python loop over time or batch: all bookkeeping happens on a small
+(B, N, S) integration matrix ``W`` and the keywords are one batched matmul ``feats = W @ hidden``.
+The semantics follow the SpeechCLIP+ reference (``/work/shared/cif.md`` section 1) except for its defects,
+which are listed in :func:`cif`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["CIF", "CIFOutput", "cif", "duration_targets", "quantity_loss"]
+
+
+@dataclass
+class CIFOutput:
+    """Result of :func:`cif`. K = ``feats.size(1)`` = max keyword count in the batch."""
+
+    feats: torch.Tensor  # (B, K, C) integrated keyword vectors; rows >= lengths[b] are exactly zero
+    lengths: torch.Tensor  # (B,) long, keyword count K_b in [1, max_length]
+    pad_mask: torch.Tensor  # (B, K) bool, True = padding (row >= lengths[b])
+    alpha: torch.Tensor  # (B, S) float32, weights actually integrated (pads zeroed, scaled if scaling applied)
+    quantity: torch.Tensor  # (B,) float32, sum of the *unscaled* alpha over valid frames (for the quantity loss)
+    fire_mask: torch.Tensor  # (B, S) bool, True where source frame s crosses a threshold multiple (for plots)
+    num_fires: torch.Tensor  # (B, S) long, threshold multiples frame s crosses (none counted past row T)
+    weights: torch.Tensor  # (B, K, S) float32 integration matrix actually used: feats = weights @ hidden
+    tail_weight: torch.Tensor  # (B,) float32, detached: weight past the integer length (before extension),
+    #                            dropped unless ``extended``; for a sample capped at max_length all the excess
+    extended: torch.Tensor  # (B,) bool, True where the tail became an extra keyword (inference only)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    An expanded gradient (e.g. from ``feats.sum()``) makes the two CPU bmm's of the matmul backward much
+    slower; one small copy of the (B, K, C) gradient avoids that.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad.contiguous()
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    alpha: torch.Tensor,
+    pad_mask: Optional[torch.Tensor],
+    target_lengths: Optional[torch.Tensor],
+    threshold: float,
+    max_length: int,
+    tail_threshold: float,
+) -> None:
+    where = "speechclip_plus/models/cif.py: cif()"
+    if hidden.dim() != 3:
+        raise ValueError(f"{where}: hidden must be (B, S, C), got shape {tuple(hidden.shape)}")
+    B, S, _ = hidden.shape
+    if B < 1 or S < 1:
+        raise ValueError(f"{where}: hidden needs B >= 1 and S >= 1, got shape {tuple(hidden.shape)}")
+    if tuple(alpha.shape) != (B, S):
+        raise ValueError(f"{where}: alpha must be (B, S) = {(B, S)}, got {tuple(alpha.shape)}")
+    if pad_mask is not None and (tuple(pad_mask.shape) != (B, S) or pad_mask.dtype != torch.bool):
+        raise ValueError(
+            f"{where}: pad_mask must be a bool (B, S) = {(B, S)} tensor, got {pad_mask.dtype} {tuple(pad_mask.shape)}"
+        )
+    if target_lengths is not None:
+        if tuple(target_lengths.shape) != (B,):
+            raise ValueError(f"{where}: target_lengths must be (B,) = ({B},), got {tuple(target_lengths.shape)}")
+        if bool((target_lengths < 0).any()):
+            raise ValueError(f"{where}: target_lengths must be >= 0, got min {target_lengths.min().item()}")
+    if not threshold > 0:
+        raise ValueError(f"{where}: threshold must be > 0, got {threshold}")
+    if max_length < 1:
+        raise ValueError(f"{where}: max_length must be >= 1, got {max_length}")
+    if not tail_threshold > 0:
+        raise ValueError(f"{where}: tail_threshold must be > 0, got {tail_threshold}")
+
+
+def cif(
+    hidden: torch.Tensor,
+    alpha: torch.Tensor,
+    pad_mask: Optional[torch.Tensor] = None,
+    target_lengths: Optional[torch.Tensor] = None,
+    *,
+    threshold: float = 1.0,
+    max_length: int = 75,
+    tail_threshold: float = 0.5,
+    scale: bool = True,
+    eps: float = 1e-5,
+) -> CIFOutput:
+    r"""Integrate ``hidden`` (B, S, C) with weights ``alpha`` (B, S) into (B, K, C) keyword vectors.
+
+    ``pad_mask`` (B, S) is True on padded frames; ``target_lengths`` (B,) given = training branch,
+    None = inference branch.  With beta = ``threshold``:
+
+    1. ``a = alpha`` with pads set to 0; ``quantity = sum_s a_s`` (unscaled, differentiable).
+       Training with ``scale``: ``a *= (beta * target + eps) / quantity`` (gradient flows through quantity).
+    2. ``L = clamp(floor(sum_s a_s / beta), 1, max_length)``, ``T = max_b L``.
+    3. ``c = cumsum(a)``; ``r_s = clamp(floor(c_s / beta), 0, T)`` (row where frame s ends),
+       ``l_s = r_{s-1}`` (``l_0 = 0``, row where it starts), ``n_s = r_s - l_s`` fires, ``e_s = max(n_s - 1, 0)``.
+    4. Right part ``rho_s = c_s - r_s beta`` if ``n_s > 0`` else 0; left part ``lam_s = a_s - rho_s - e_s beta``.
+       ``W[r_s, s] += rho_s``, ``W[l_s, s] += lam_s``, ``W[k, s] += beta`` for ``l_s < k < r_s`` (constant,
+       no gradient to alpha).  ``W`` has T + 1 rows; row T collects all weight past ``T beta``.
+       Equivalently ``W[k, s] = |[c_{s-1}, c_s) \cap [k beta, (k+1) beta)|``.  A frame ending exactly on a
+       boundary ``k beta`` belongs wholly to row k - 1 and counts as a fire.
+    5. Training: keep rows ``< L_b``.  Inference: tail ``tau = sum_s rho_s [r_s = L] + lam_s [l_s = L]``; if
+       ``tau >= tail_threshold`` and ``L < max_length``, row L is multiplied by ``beta / tau`` (factor detached)
+       and ``L += 1``; then keep rows ``< L_b``.  Rows past a sample's length are zeroed in both branches.
+    6. ``feats = W @ hidden`` (one bmm); ``pad_mask = arange(K) >= L``.
+
+    Deviations from the reference, all intended behaviour:
+
+    - Rows >= L_b are zero in training too (the reference leaves the eps leak, or after the scaling stage
+      the real leftover, in them); downstream code must still use ``pad_mask``/``lengths``.
+    - An all-zero sample is not scaled (the reference produces NaN): L = 1 and a zero row, no NaN gradient.
+    - The (B, S) bookkeeping (quantity, scaling, sums, cumsum, rho, lam) is done in float64, so the scaled sum
+      is ``beta * target + eps`` to ~1e-13 and ``floor`` gives exactly ``target`` for every target (the
+      reference's float32 cumsum loses the 1e-5 eps for targets >= 64), and ``rho = c - r beta`` keeps full
+      float32 precision however long the sequence.  ``W`` is float32 (float64 if ``hidden`` is).
+    - Backward works after a tail extension (the reference's ``fired_marks`` update breaks autograd);
+      ``fire_mask`` is simply ``n_s > 0``.
+    - Weight past ``max_length * beta`` cannot become a keyword (the text encoder has 77 positions: SOT +
+      75 + EOT).  It is dropped, and a sample at ``max_length`` is never extended; ``tail_weight`` reports it.
+    """
+    _check_inputs(hidden, alpha, pad_mask, target_lengths, threshold, max_length, tail_threshold)
+    B, S, _ = hidden.shape
+    beta = float(threshold)
+    device = hidden.device
+    wdtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    # 1. alpha preparation (float64 bookkeeping on (B, S) only).
+    a = alpha.to(torch.float64)
+    if pad_mask is not None:
+        a = a.masked_fill(pad_mask, 0.0)
+    if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+        raise ValueError("speechclip_plus/models/cif.py: cif(): alpha must be finite and >= 0 on valid frames")
+    quantity = a.sum(1)
+    training = target_lengths is not None
+    if training and scale:
+        desired = beta * target_lengths.to(torch.float64) + eps
+        nonzero = quantity > 0
+        factor = torch.where(nonzero, desired / torch.where(nonzero, quantity, torch.ones_like(quantity)), 1.0)
+        a = a * factor.unsqueeze(1)
+
+    # 2. lengths from the (scaled) weight sum.
+    lengths = torch.floor(a.detach().sum(1) / beta).clamp(1, max_length).long()
+    T = int(lengths.max())
+
+    # 3. cumulative weight and piecewise-constant indices.
+    c = a.cumsum(1)
+    with torch.no_grad():
+        r = torch.floor(c / beta).clamp(0, T).long()
+        l = torch.zeros_like(r)
+        l[:, 1:] = r[:, :-1]
+        n = r - l
+        e = (n - 1).clamp_min(0)
+
+    # 4. split weights and the integration matrix.
+    rho = torch.where(n > 0, c - r.to(c.dtype) * beta, torch.zeros((), dtype=c.dtype, device=device))
+    lam = a - rho - e.to(a.dtype) * beta
+    W = torch.zeros(B, T + 1, S, dtype=wdtype, device=device)
+    W.scatter_add_(1, r.unsqueeze(1), rho.to(wdtype).unsqueeze(1))
+    W.scatter_add_(1, l.unsqueeze(1), lam.to(wdtype).unsqueeze(1))
+    rows = torch.arange(T + 1, device=device)
+    if bool((e > 0).any()):
+        k = rows.view(1, -1, 1)
+        W = W + beta * ((k > l.unsqueeze(1)) & (k < r.unsqueeze(1))).to(wdtype)
+
+    # 5. tail handling and truncation as one detached per-row multiplier on W.
+    with torch.no_grad():
+        at_tail_r = r == lengths.unsqueeze(1)
+        at_tail_l = l == lengths.unsqueeze(1)
+        tail = (rho * at_tail_r).sum(1) + (lam * at_tail_l).sum(1)
+        if training:
+            extended = torch.zeros(B, dtype=torch.bool, device=device)
+        else:
+            extended = (tail >= tail_threshold) & (lengths < max_length)
+        out_lengths = lengths + extended.long()
+        K = int(out_lengths.max())
+        mult = (rows[:K].unsqueeze(0) < out_lengths.unsqueeze(1)).to(torch.float64)
+        if bool(extended.any()):
+            tail_factor = torch.where(extended, beta / torch.where(extended, tail, torch.ones_like(tail)), 1.0)
+            at_len = rows[:K].unsqueeze(0) == lengths.unsqueeze(1)
+            mult = torch.where(at_len, tail_factor.unsqueeze(1), 1.0) * mult
+    W = W[:, :K] * mult.to(wdtype).unsqueeze(2)
+
+    # 6. contract once.
+    feats = _ContiguousGrad.apply(torch.bmm(W.to(hidden.dtype), hidden))
+    pad_out = rows[:K].unsqueeze(0) >= out_lengths.unsqueeze(1)
+    return CIFOutput(
+        feats=feats,
+        lengths=out_lengths,
+        pad_mask=pad_out,
+        alpha=a.float(),
+        quantity=quantity.float(),
+        fire_mask=n > 0,
+        num_fires=n,
+        weights=W.float(),
+        tail_weight=tail.float(),
+        extended=extended,
+    )
+
+
+class CIF(nn.Module):
+    """Weight predictor + :func:`cif`.
+
+    ``alpha = Sigmoid(Linear(Dropout(Conv block x conv_layers)(hidden)))`` with Conv block =
+    Conv1d(dim, dim, conv_width, padding=conv_width // 2) -> Dropout(dropout) -> ReLU; alpha is 0 on pads.
+    Padded frames are zeroed before each convolution so a sample's weights do not depend on how much
+    padding the batch adds (the reference convolves over whatever the padded positions hold).
+    In training (``target_lengths`` given) alpha is scaled to the targets iff ``step`` is None or
+    ``step < scaling_steps``; the reference's default dropout is 0.5.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        threshold: float = 1.0,
+        max_length: int = 75,
+        conv_width: int = 3,
+        conv_layers: int = 1,
+        dropout: float = 0.5,
+        scaling_steps: int = 5000,
+        tail_threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if conv_width < 1 or conv_width % 2 == 0:
+            raise ValueError(f"speechclip_plus/models/cif.py: CIF conv_width must be odd, got {conv_width}")
+        if conv_layers < 0:
+            raise ValueError(f"speechclip_plus/models/cif.py: CIF conv_layers must be >= 0, got {conv_layers}")
+        self.threshold = threshold
+        self.max_length = max_length
+        self.scaling_steps = scaling_steps
+        self.tail_threshold = tail_threshold
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dim, dim, conv_width, padding=conv_width // 2) for _ in range(conv_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(dim, 1)
+
+    def weights(self, hidden: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """alpha (B, S) in [0, 1], float32, 0 on padded frames."""
+        keep = None if pad_mask is None else (~pad_mask).unsqueeze(1).to(hidden.dtype)  # (B, 1, S)
+        x = hidden.transpose(1, 2)
+        for conv in self.convs:
+            if keep is not None:
+                x = x * keep
+            x = torch.relu(self.dropout(conv(x)))
+        alpha = torch.sigmoid(self.proj(self.dropout(x.transpose(1, 2))).squeeze(-1)).float()
+        if pad_mask is not None:
+            alpha = alpha.masked_fill(pad_mask, 0.0)
+        return alpha
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        pad_mask: Optional[torch.Tensor] = None,
+        target_lengths: Optional[torch.Tensor] = None,
+        step: Optional[int] = None,
+    ) -> CIFOutput:
+        """hidden (B, S, C), pad_mask (B, S) True = pad, target_lengths (B,) or None (inference)."""
+        alpha = self.weights(hidden, pad_mask)
+        scale = target_lengths is not None and (step is None or step < self.scaling_steps)
+        return cif(
+            hidden,
+            alpha,
+            pad_mask,
+            target_lengths,
+            threshold=self.threshold,
+            max_length=self.max_length,
+            tail_threshold=self.tail_threshold,
+            scale=scale,
+        )
+
+
+def quantity_loss(quantity: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """L_QUA = mean_b |quantity_b - target_b|, in float32."""
+    if quantity.shape != target_lengths.shape:
+        raise ValueError(
+            "speechclip_plus/models/cif.py: quantity_loss: quantity and target_lengths shapes differ: "
+            f"{tuple(quantity.shape)} vs {tuple(target_lengths.shape)}"
+        )
+    return (quantity.float() - target_lengths.float()).abs().mean()
+
+
+def duration_targets(
+    feat_lens: torch.Tensor,
+    downsample_rate: int,
+    sample_rate: int = 16000,
+    seconds_per_keyword: float = 0.4,
+    max_length: int = 75,
+) -> torch.Tensor:
+    """Keyword targets from duration: ``clamp(round(frames * rate / (sr * sec_per_kw)), 1, max_length)``.
+
+    ``torch.round`` rounds half to even, so with HuBERT's rate 320 this is the reference's
+    ``round(frames / 20)`` (250 frames -> 12).  Returns long (B,).
+    """
+    if downsample_rate <= 0 or sample_rate <= 0 or seconds_per_keyword <= 0:
+        raise ValueError(
+            "speechclip_plus/models/cif.py: duration_targets: downsample_rate, sample_rate and "
+            f"seconds_per_keyword must be > 0, got {downsample_rate}, {sample_rate}, {seconds_per_keyword}"
+        )
+    frames = torch.as_tensor(feat_lens).to(torch.float64)
+    samples_per_keyword = float(sample_rate) * float(seconds_per_keyword)
+    return torch.round(frames * float(downsample_rate) / samples_per_keyword).clamp(1, max_length).long()
