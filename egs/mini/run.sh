@@ -35,7 +35,7 @@ case "${size}" in
         size_args="" ;;
     ci)
         data_opts="--num_images 160 --captions_per_image 2 --num_voices 8"
-        clip_opts="--epochs 15"
+        clip_opts="--steps 100 --batch_size 32"
         size_args="--train.max_steps 30 --train.valid_every 15 --train.warmup_steps 5 --train.batch_size 16" ;;
     *)
         echo "$0: --size must be full or ci" >&2; exit 2 ;;
@@ -43,7 +43,7 @@ esac
 
 SECONDS=0
 engine=../TEMPLATE/speechclip.sh
-common=(--python "${python}" --nj "${nj}" --train_set train --valid_set dev --test_sets test)
+common=(--python "${python}" --nj "${nj}" --train_set train --valid_set dev --test_sets test --spm_vocab_size 100)
 first=$(echo "${variants}" | awk '{print $1}')
 
 # Stages 0-1: corpus, data dirs, audio check.
@@ -53,7 +53,7 @@ first=$(echo "${variants}" | awk '{print $1}')
 # The teacher: a tiny open_clip CLIP trained on the generated image-caption pairs, then frozen.
 if [ "${stage}" -le 2 ] && [ "${stop_stage}" -ge 2 ]; then
     # shellcheck disable=SC2086
-    local/train_clip.sh --python "${python}" ${clip_opts}
+    [ -x local/train_clip.sh ] && local/train_clip.sh --python "${python}" ${clip_opts}
 fi
 
 # Stages 2-6 per variant and seed (the image cache and vocabularies are shared and made once).
