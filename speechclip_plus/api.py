@@ -10,7 +10,8 @@
 Model file (``export_model`` / ``read_model_file``), format ``speechclip_plus.model/1``: one
 ``torch.save``'d dict of plain containers and tensors only, readable by ``torch.load(weights_only=True)``:
 ``format``, ``config`` (resolved config), ``vocab_ids`` (the reduced keyword vocabulary, original CLIP ids),
-``state_dict`` (the whole model, frozen CLIP and upstream included), ``upstream_ckpt`` (the content of the
+``state_dict`` (the whole model, frozen CLIP and upstream included), ``upstream_model_config`` (the text of
+``model.upstream.model_config``, e.g. s3prl feature settings, or None), ``upstream_ckpt`` (the content of the
 s3prl upstream checkpoint named by ``model.upstream.ckpt``, or None), ``clip_model_config`` (the open_clip
 model-config json when ``model.clip.name`` is a file, else None), ``clip_build`` (``quick_gelu`` and the
 image ``preprocess_cfg``: settings CLIP takes from its pretrained tag that hold no weights) and ``meta``.
@@ -103,6 +104,9 @@ def _materialise(content: Any, kind: str, name: str, write) -> str:
             if name.endswith(".json"):
                 with open(path, encoding="utf-8") as f:
                     existing = json.load(f)
+            elif isinstance(content, str):
+                with open(path, encoding="utf-8") as f:
+                    existing = f.read()
             else:
                 existing = torch.load(path, map_location="cpu", weights_only=True)
             if content_digest(existing) == digest:
@@ -116,6 +120,11 @@ def _materialise(content: Any, kind: str, name: str, write) -> str:
 
 def _write_torch(obj: Any, path: str) -> None:
     torch.save(obj, path)
+
+
+def _write_text(text: str, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _write_json(obj: Any, path: str) -> None:
@@ -173,6 +182,13 @@ def export_model(model, config: Dict, path: PathLike, meta: Optional[Dict] = Non
     if up.get("ckpt"):
         upstream_ckpt = _torch_load_plain(up["ckpt"], "s3prl upstream checkpoint (model.upstream.ckpt)")
         upstream_ckpt = _share_storage(upstream_ckpt, state)
+    upstream_model_config = None
+    if up.get("model_config"):
+        try:
+            with open(up["model_config"], encoding="utf-8") as f:
+                upstream_model_config = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFileError(f"model.upstream.model_config={up['model_config']}: cannot read: {e}") from None
     clip_name = cfg["model"]["clip"]["name"]
     clip_model_config = None
     if str(clip_name).endswith(".json") or os.path.isfile(str(clip_name)):
@@ -189,6 +205,7 @@ def export_model(model, config: Dict, path: PathLike, meta: Optional[Dict] = Non
         "vocab_ids": [int(i) for i in model.clip.vocab_ids.tolist()],
         "state_dict": state,
         "upstream_ckpt": upstream_ckpt,
+        "upstream_model_config": upstream_model_config,
         "clip_model_config": clip_model_config,
         "clip_build": {
             "quick_gelu": bool(model.clip.quick_gelu),
@@ -257,6 +274,10 @@ def model_from_payload(payload: Dict[str, Any], path: str = "<model file>"):
         mcfg["upstream"]["ckpt"] = _materialise(payload["upstream_ckpt"], "upstream", "upstream.pt", _write_torch)
     elif mcfg["upstream"]["ckpt"]:
         raise ModelFileError(f"{path}: model.upstream.ckpt is set but the file holds no upstream checkpoint")
+    if payload.get("upstream_model_config") is not None:
+        name = os.path.basename(str(mcfg["upstream"]["model_config"])) or "upstream.yaml"
+        mcfg["upstream"]["model_config"] = _materialise(payload["upstream_model_config"], "upstream_configs", name,
+                                                        _write_text)
     if payload.get("clip_model_config") is not None:
         stem = os.path.splitext(os.path.basename(str(mcfg["clip"]["name"])))[0] or "clip"
         mcfg["clip"]["name"] = _materialise(payload["clip_model_config"], "clip_configs", f"{stem}.json",

@@ -338,3 +338,31 @@ def test_import_stays_light():
     code = "import speechclip_plus; print(speechclip_plus.SpeechCLIPPlus.__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "SpeechCLIPPlus"
+
+
+def test_upstream_feature_config_travels_inside_the_model_file(tmp_path, monkeypatch):
+    """A model whose s3prl upstream is configured by a file (baseline_local + model_config) stays loadable
+    after that file is gone."""
+    import os as _os
+
+    from speechclip_plus.api import SpeechCLIPPlus, export_model
+    from speechclip_plus.config import load_config
+    from speechclip_plus.models.speechclip import build_model
+
+    monkeypatch.setenv("SPEECHCLIP_PLUS_CACHE", str(tmp_path / "cache"))
+    feats = tmp_path / "fbank_20ms.yaml"
+    feats.write_text("kaldi:\n  feat_type: fbank\n  fbank: {num_mel_bins: 40, frame_length: 25.0, frame_shift: 20.0}\n"
+                     "delta: {order: 0, win_length: 5}\ncmvn: {use_cmvn: true}\n")
+    conf = _os.path.join(_os.path.dirname(__file__), "..", "speechclip_plus", "conf", "tiny_cplus.yaml")
+    cfg = load_config(conf, ["--model.upstream.name", "baseline_local", "--model.upstream.model_config", str(feats)])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.upstream.hidden_dim == 40 and model.upstream.downsample_rate == 320
+    wav = torch.randn(1, 12000) * 0.1
+    with torch.no_grad():
+        want = model(wav, torch.tensor([12000]))["cascaded"]
+    export_model(model, cfg, tmp_path / "m.pt")
+    feats.unlink()
+    got = SpeechCLIPPlus.from_pretrained(str(tmp_path / "m.pt")).embed_speech([wav[0]], sample_rate=16000,
+                                                                             branch="cascaded")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
