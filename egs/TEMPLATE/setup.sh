@@ -11,7 +11,13 @@ if [ $# -ne 1 ] || [ "$1" = --help ] || [ "$1" = -h ]; then
     exit 2
 fi
 template=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "${template}/../.." && pwd)
+# The package's model configs are found from the physical location of this script (egs/TEMPLATE may be
+# reached through a symlink); the new run.sh refers to the engine through the path this script was called by.
+root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)
+confs=("${root}"/speechclip_plus/conf/base_*.yaml "${root}"/speechclip_plus/conf/large_*.yaml)
+for conf in "${confs[@]}"; do
+    [ -f "${conf}" ] || { echo "$0: no model configs found in ${root}/speechclip_plus/conf" >&2; exit 1; }
+done
 mkdir -p "$1/conf" "$1/local"
 dir=$(cd "$1" && pwd)
 name=$(basename "${dir}")
@@ -52,13 +58,14 @@ write "${dir}/local/data.sh" "#!/usr/bin/env bash
 # Stage 0 of ${name}: turn the corpus into Kaldi data dirs data/{train,dev,test}/ holding wav.scp, text,
 # utt2spk, spk2utt, utt2img, img.scp (absolute paths, sorted with LC_ALL=C). See egs/TEMPLATE/README.md.
 set -euo pipefail
+cd \"\$(dirname \"\$0\")/..\"
 # shellcheck disable=SC1091
 . ./db.sh
 echo \"\$0: not written yet: read \${CORPUS} and create data/<set>/ (see egs/TEMPLATE/README.md)\" >&2
 exit 1"
 
 chmod +x "${dir}/run.sh" "${dir}/local/data.sh"
-for conf in "${root}"/speechclip_plus/conf/base_*.yaml "${root}"/speechclip_plus/conf/large_*.yaml; do
+for conf in "${confs[@]}"; do
     write "${dir}/conf/$(basename "${conf}")" "$(cat "${conf}")"
 done
 echo "Next: write ${dir}/local/data.sh, then run ${dir}/run.sh"

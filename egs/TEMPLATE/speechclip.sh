@@ -148,9 +148,20 @@ if run_stage 3; then
     elif [ "${vocab_source}" != train ]; then
         echo "$0: --vocab_source must be train or all" >&2; exit 2
     fi
-    done_or_run "${token_list}/.done" \
+    # The marker records the source, so a later run with another --vocab_source fails instead of silently
+    # reusing vocabularies made from other text (an empty marker is from an older engine: not checked).
+    made_from=$(cat "${token_list}/.done" 2>/dev/null || true)
+    if [ -n "${made_from}" ] && [ "${made_from}" != "${vocab_source}" ]; then
+        echo "$0: ${token_list} was made with --vocab_source ${made_from}, not ${vocab_source}:" \
+            "remove ${token_list} (and retrain) to change it" >&2
+        exit 2
+    fi
+    make_vocab() {
         ${python} -m speechclip_plus.bin.make_vocab "${texts[@]}" --out_dir "${token_list}" \
             --spm_vocab_size "${spm_vocab_size}"
+        echo "${vocab_source}" >"${token_list}/.done"
+    }
+    done_or_run "${token_list}/.done" make_vocab
 fi
 
 if ! "${skip_train}" && run_stage 4; then

@@ -19,6 +19,7 @@ train_args=""      # extra training overrides for every variant
 check_bars=true    # exit non-zero when a quality bar of RESULTS.md is missed
 results=RESULTS.md # summary written here (the committed file is from a full run)
 
+# shellcheck disable=SC2034  # read by utils/parse_options.sh
 help_message=$(cat <<EOF
 Usage: $0 [options]
   --stage \${stage} --stop_stage \${stop_stage} --variants "\${variants}" --seeds "\${seeds}" --size \${size}
@@ -68,8 +69,10 @@ if [ "${stop_stage}" -ge 2 ]; then
 fi
 
 if [ "${stop_stage}" -ge 5 ]; then
+    bars=()
+    if "${check_bars}"; then bars=(--check_bars); fi
     # shellcheck disable=SC2086
     ${python} local/summarize.py --variants ${variants} --seeds ${seeds} --size "${size}" \
-        --out "${results}" --elapsed "${SECONDS}" $("${check_bars}" && echo --check_bars)
+        --out "${results}" --elapsed "${SECONDS}" "${bars[@]+"${bars[@]}"}"
 fi
 echo "$0: done in ${SECONDS} s"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Stage 0 of egs/flickr8k: $FLICKR8K (the unpacked Flickr8k + Flickr Audio archives, see db.sh) ->
+# data/{train,dev,test} Kaldi data dirs. The layout, the pairing rules and the junk that is skipped are
+# documented in local/prepare_flickr8k.py; the skip counts go to data/local/flickr8k_prep.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (local/data.sh) $*"; }
+
+out_dir=data          # parent of the data dirs (relative to the recipe dir)
+python=python3        # interpreter with speechclip_plus installed
+
+# shellcheck disable=SC1091
+. ./db.sh
+help_message=$(cat <<HELP
+Usage: $0 [--out_dir \${out_dir}] [--python \${python}]
+Reads FLICKR8K (db.sh or the environment; now \${FLICKR8K}) and writes \${out_dir}/{train,dev,test}.
+HELP
+)
+# shellcheck disable=SC1091
+. ../../utils/parse_options.sh
+if [ $# -ne 0 ]; then
+    echo "$0: unexpected arguments: $*" >&2
+    echo "${help_message}" >&2
+    exit 2
+fi
+
+log "Flickr8k: ${FLICKR8K} -> ${out_dir}/{train,dev,test}"
+"${python}" local/prepare_flickr8k.py --root "${FLICKR8K}" --out_dir "${out_dir}"
+log "done"

@@ -1,0 +1,284 @@
+"""Tiny fake corpora in the ORIGINAL distribution layouts, for the recipe tests (test/test_recipes.py).
+
+Each generator writes a few dozen small JPEG images (a coloured shape on a textured background) with templated
+captions, speaks every caption with espeak-ng (several voices = several speakers), and returns a ``Fake``
+record of what a correct data preparation must produce (per-set utterance/image counts, the junk planted).
+
+``make_flickr8k(root)``: what unpacking Flickr8k_Dataset.zip, Flickr8k_text.zip and flickr_audio.tar.gz side
+by side gives: ``Flicker8k_Dataset/*.jpg`` (the archive's misspelling), ``__MACOSX/`` metadata,
+``Flickr8k.token.txt`` (``<image>.jpg#<n><TAB><caption> .``), ``Flickr_8k.{train,dev,test}Images.txt``,
+``flickr_audio/wavs/<image>_<n>.wav`` (16 kHz, as the real corpus), ``flickr_audio/wav2capt.txt``
+(``<wav> <image>.jpg #<n>``) and ``wav2spk.txt`` (``<wav> <speaker number>``). Planted junk: a caption group
+for an image that does not exist (``<id>.jpg.1``, as in the real token file), an image in no split (captions,
+no audio), a ``._`` AppleDouble file; and one image whose wav numbers are a permutation of its caption numbers
+in wav2capt.txt, so a preparation that guesses the caption from the wav name gets those texts wrong.
+
+``make_spokencoco(root)``: ``SpokenCOCO/SpokenCOCO_{train,val}.json`` + ``SpokenCOCO/wavs/{train,val}/0/*.wav``
+(16 kHz, upper-case text, ``<speaker>-<hit>_<cocoid>_<n>.wav``), ``mscoco/{train2014,val2014}/COCO_*.jpg`` and
+``dataset_coco.json`` (Karpathy split: train2014 -> train, val2014 -> restval/val/test), plus the reference's
+per-split ``SpokenCOCO/SpokenCOCO_ksplit_{train,val,test}.json`` describing the same split. Planted: a val2014
+image with speech but outside the Karpathy split, a Karpathy image without speech, images with 4 and 6 captions.
+
+``make_plain(root)``: a third corpus in no known layout (``manifest.tsv``: split, image, wav, speaker, caption;
+22.05 kHz wavs, so stage 1 must resample), for the recipe made with egs/TEMPLATE/setup.sh.
+
+Everything is a function of ``seed``. Requires espeak-ng (``have_espeak()``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import string
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import soundfile as sf
+from PIL import Image, ImageDraw
+
+VOICES: Tuple[Tuple[str, int, int], ...] = (  # espeak-ng voice, words per minute, pitch
+    ("en-us+m3", 190, 45), ("en-gb+f2", 180, 62), ("en-gb-scotland+m1", 200, 38), ("en-029+f4", 185, 55))
+COLOURS = {"red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 210), "yellow": (235, 210, 40),
+           "black": (20, 20, 20), "white": (245, 245, 245)}
+THINGS = ("dog", "ball", "boat", "house", "kite", "bird")
+PLACES = ("on the grass", "near the water", "in the snow", "on a road", "by a tree")
+TEMPLATES = ("A {c} {t} {p} .", "The {t} is {c} .", "A small {c} {t} sits {p} .", "There is a {c} {t} {p} .",
+             "Someone looks at a {c} {t} .", "A {t} that is {c} .", "Look at the {c} {t} {p} .")
+
+
+def have_espeak() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+@dataclass
+class Fake:
+    """What a correct preparation of a generated corpus yields."""
+
+    root: Path
+    utterances: Dict[str, int]  # set -> number of utterances
+    images: Dict[str, int]  # set -> number of images
+    speakers: int  # distinct speakers over all sets
+    junk: Dict[str, int] = field(default_factory=dict)  # planted junk -> count
+    texts: Dict[str, str] = field(default_factory=dict)  # wav file name -> the caption it speaks (normalised)
+    env: Dict[str, str] = field(default_factory=dict)  # db.sh variables pointing at this corpus
+    permuted_image: str = ""  # Flickr8k: the image whose wav numbers differ from its caption numbers
+
+
+# ----------------------------------------------------------------------------------------------- media
+def _image(path: Path, rng: random.Random, colour: str) -> None:
+    """A 40x40 JPEG: noisy background and a filled shape of ``colour``."""
+    side = 40
+    base = np.full((side, side, 3), rng.randint(60, 190), np.float32)
+    base += np.random.default_rng(rng.getrandbits(32)).normal(0, 12, (side, side, 1))
+    img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    x, y, r = rng.randint(12, 28), rng.randint(12, 28), rng.randint(6, 11)
+    box = [x - r, y - r, x + r, y + r]
+    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=COLOURS[colour])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="JPEG", quality=90)
+
+
+def _caption(rng: random.Random, colour: str, thing: str) -> str:
+    return rng.choice(TEMPLATES).format(c=colour, t=thing, p=rng.choice(PLACES))
+
+
+def _speak(text: str, voice: Tuple[str, int, int]) -> Tuple[np.ndarray, int]:
+    cmd = ["espeak-ng", "-v", voice[0], "-s", str(voice[1]), "-p", str(voice[2]), "--stdout", text]
+    proc = subprocess.run(cmd, capture_output=True, check=False)
+    if proc.returncode != 0 or not proc.stdout:
+        raise RuntimeError(f"espeak-ng failed: {' '.join(cmd)}: {proc.stderr.decode(errors='replace')}")
+    wav, rate = sf.read(io.BytesIO(proc.stdout), dtype="float32")
+    return (wav if wav.ndim == 1 else wav.mean(axis=1)), rate
+
+
+def synthesize(jobs: Sequence[Tuple[Path, str, Tuple[str, int, int]]], sample_rate: int) -> None:
+    """Speak each ``(path, text, voice)``; write 16-bit PCM at ``sample_rate`` (resampled from espeak's rate)."""
+    def one(job):
+        path, text, voice = job
+        wav, rate = _speak(text.rstrip(" ."), voice)
+        if rate != sample_rate:
+            import torch
+            import torchaudio.functional as AF
+
+            wav = AF.resample(torch.from_numpy(wav), rate, sample_rate).clamp(-1, 1).numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(path), wav, sample_rate, subtype="PCM_16")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(one, jobs))
+
+
+def _normalise(text: str) -> str:
+    text = " ".join(text.split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+# ----------------------------------------------------------------------------------------------- Flickr8k
+def make_flickr8k(root: Path, per_split: Tuple[int, int, int] = (8, 3, 3), seed: int = 0,
+                  sample_rate: int = 16000) -> Fake:
+    """Flickr8k + Flickr Audio Caption Corpus layout under ``root`` (see the module docstring)."""
+    rng = random.Random(f"flickr:{seed}")
+    root = Path(root)
+    images_dir = root / "Flicker8k_Dataset"
+    speakers = [rng.randint(1, 183) for _ in VOICES]
+    while len(set(speakers)) < len(VOICES):
+        speakers = [rng.randint(1, 183) for _ in VOICES]
+    n_images = sum(per_split) + 1  # + one image in no split
+    names = [f"{1000000000 + 7919 * i + rng.randint(0, 999)}_{rng.getrandbits(40):010x}"
+             for i in range(n_images)]
+    split_names = ("train", "dev", "test")
+    split_of = {}
+    k = 0
+    for split, n in zip(split_names, per_split):
+        for _ in range(n):
+            split_of[names[k]] = split
+            k += 1
+    token_lines, wav2capt, wav2spk, jobs, texts = [], [], [], [], {}
+    for i, name in enumerate(names):
+        colour, thing = rng.choice(list(COLOURS)), rng.choice(THINGS)
+        _image(images_dir / f"{name}.jpg", rng, colour)
+        caps = [_caption(rng, colour, thing) for _ in range(5)]
+        token_lines += [f"{name}.jpg#{n}\t{cap}" for n, cap in enumerate(caps)]
+        if name not in split_of:
+            continue  # the real corpus has no speech for images outside the splits
+        order = list(range(5))
+        if i == 1:  # wav <name>_<k>.wav speaks caption #order[k] (wav2capt.txt says so)
+            order = [2, 0, 4, 1, 3]
+        for k, n in enumerate(order):
+            wav = f"{name}_{k}.wav"
+            voice = (i + k) % len(VOICES)
+            wav2capt.append(f"{wav} {name}.jpg #{n}")
+            wav2spk.append(f"{wav} {speakers[voice]}")
+            jobs.append((root / "flickr_audio" / "wavs" / wav, caps[n], VOICES[voice]))
+            texts[wav] = _normalise(caps[n])
+    # the real token file's junk: a caption group whose "image" (<id>.jpg.1) does not exist
+    missing = f"{names[0].split('_')[0]}_{rng.getrandbits(40):010x}.jpg.1"
+    token_lines += [f"{missing}#{n}\tA photo that is not in the archive ." for n in range(5)]
+    rng.shuffle(wav2capt)
+    (root / "Flickr8k.token.txt").write_text("\n".join(token_lines) + "\n", encoding="utf-8")
+    for split, fname in zip(split_names, ("Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt",
+                                          "Flickr_8k.testImages.txt")):
+        listed = [f"{n}.jpg" for n in names if split_of.get(n) == split]
+        (root / fname).write_text("\n".join(listed) + "\n", encoding="utf-8")
+    (root / "flickr_audio").mkdir(parents=True, exist_ok=True)
+    (root / "flickr_audio" / "wav2capt.txt").write_text("\n".join(wav2capt) + "\n", encoding="utf-8")
+    (root / "flickr_audio" / "wav2spk.txt").write_text("\n".join(sorted(wav2spk)) + "\n", encoding="utf-8")
+    apple = root / "__MACOSX" / "Flicker8k_Dataset" / f"._{names[0]}.jpg"
+    apple.parent.mkdir(parents=True)
+    apple.write_bytes(b"\x00\x05\x16\x07macOS metadata")
+    synthesize(jobs, sample_rate)
+    return Fake(root=root, utterances={s: 5 * n for s, n in zip(split_names, per_split)},
+                images=dict(zip(split_names, per_split)), speakers=len(VOICES),
+                junk={"caption_groups_without_image": 1, "captions_without_image": 5, "images_in_no_split": 1,
+                      "macos_metadata_files": 1},
+                texts=texts, env={"FLICKR8K": str(root)}, permuted_image=names[1])
+
+
+# ----------------------------------------------------------------------------------------------- SpokenCOCO
+def make_spokencoco(root: Path, n_train2014: int = 6, val2014: Tuple[int, int, int] = (2, 3, 3), seed: int = 0,
+                    sample_rate: int = 16000) -> Fake:
+    """SpokenCOCO + MSCOCO 2014 + Karpathy split under ``root`` (see the module docstring).
+
+    ``val2014`` = numbers of val2014 images in Karpathy restval, val and test.
+    """
+    rng = random.Random(f"coco:{seed}")
+    root = Path(root)
+    sc = root / "SpokenCOCO"
+    mscoco = root / "mscoco"
+    speakers = ["".join(rng.choices(string.ascii_lowercase + string.digits, k=20)) for _ in VOICES]
+    speakers = [("m" if i % 2 == 0 else "f") + s[1:] for i, s in enumerate(speakers)]
+
+    # (coco folder, karpathy split or None, number of spoken captions)
+    plan: List[Tuple[str, object, int]] = [("train2014", "train", 5) for _ in range(n_train2014)]
+    for split, n in zip(("restval", "val", "test"), val2014):
+        plan += [("val2014", split, 5) for _ in range(n)]
+    plan[0] = (plan[0][0], plan[0][1], 6)  # COCO has images with more and fewer than 5 captions
+    plan[-1] = (plan[-1][0], plan[-1][1], 4)
+    plan.append(("val2014", None, 5))  # spoken, but not in the Karpathy split
+    plan.append(("val2014", "test", 0))  # in the split, without speech
+    karpathy, spoken = [], {"train": [], "val": []}
+    ksplit: Dict[str, list] = {"train": [], "val": [], "test": []}
+    jobs, texts = [], {}
+    to_set = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
+    utterances = {"train": 0, "dev": 0, "test": 0}
+    images = {"train": 0, "dev": 0, "test": 0}
+    for i, (folder, split, n_caps) in enumerate(plan):
+        cocoid = 100000 + 3571 * i + rng.randint(0, 999)
+        fname = f"COCO_{folder}_{cocoid:012d}.jpg"
+        colour, thing = rng.choice(list(COLOURS)), rng.choice(THINGS)
+        _image(mscoco / folder / fname, rng, colour)
+        caps = [_caption(rng, colour, thing).rstrip(" .").upper() for _ in range(max(n_caps, 5))]
+        if split is not None:
+            karpathy.append({"filepath": folder, "filename": fname, "imgid": i, "split": split, "cocoid": cocoid,
+                             "sentids": list(range(5 * i, 5 * i + 5)),
+                             "sentences": [{"raw": c.capitalize(), "tokens": c.lower().split(), "imgid": i,
+                                            "sentid": 5 * i + j} for j, c in enumerate(caps[:5])]})
+        if n_caps == 0:
+            continue
+        sub = "train" if folder == "train2014" else "val"
+        captions = []
+        for j in range(n_caps):
+            voice = (i + j) % len(VOICES)
+            hit = "".join(rng.choices(string.ascii_uppercase + string.digits, k=30))
+            stem = f"{speakers[voice]}-{hit}_{cocoid}_{rng.randint(100000, 999999)}"
+            wav = f"wavs/{sub}/0/{stem}.wav"
+            captions.append({"text": caps[j], "speaker": speakers[voice], "uttid": stem, "wav": wav})
+            jobs.append((sc / wav, caps[j], VOICES[voice]))
+            texts[f"{stem}.wav"] = caps[j].lower()
+        entry = {"image": f"{folder}/{fname}", "captions": captions}
+        spoken[sub].append(entry)
+        if split is not None:
+            dset = to_set[split]
+            utterances[dset] += n_caps
+            images[dset] += 1
+            ksplit[{"train": "train", "dev": "val", "test": "test"}[dset]].append(
+                {"image": entry["image"], "reassign_id": i, "captions": captions})
+    rng.shuffle(karpathy)
+    sc.mkdir(parents=True, exist_ok=True)
+    for sub in ("train", "val"):
+        (sc / f"SpokenCOCO_{sub}.json").write_text(json.dumps({"data": spoken[sub]}), encoding="utf-8")
+    for split, data in ksplit.items():
+        (sc / f"SpokenCOCO_ksplit_{split}.json").write_text(json.dumps({"data": data}), encoding="utf-8")
+    karpathy_json = json.dumps({"images": karpathy, "dataset": "coco"})
+    (root / "dataset_coco.json").write_text(karpathy_json, encoding="utf-8")
+    synthesize(jobs, sample_rate)
+    return Fake(root=root, utterances=utterances, images=images, speakers=len(VOICES),
+                junk={"images_not_in_karpathy_split": 1, "utterances_of_images_not_in_split": 5,
+                      "karpathy_images_without_speech": 1},
+                texts=texts, env={"SPOKENCOCO": str(root), "MSCOCO": str(mscoco),
+                                  "KARPATHY_SPLIT": str(root / "dataset_coco.json")})
+
+
+# ----------------------------------------------------------------------------------------------- plain corpus
+def make_plain(root: Path, per_split: Tuple[int, int, int] = (8, 3, 3), captions: int = 2, seed: int = 0,
+               sample_rate: int = 22050) -> Fake:
+    """``root/manifest.tsv`` (split, image, wav, speaker, caption; paths relative to root) + images/ + wavs/."""
+    rng = random.Random(f"plain:{seed}")
+    root = Path(root)
+    rows, jobs, texts = [], [], {}
+    k = 0
+    for split, n in zip(("train", "dev", "test"), per_split):
+        for _ in range(n):
+            colour, thing = rng.choice(list(COLOURS)), rng.choice(THINGS)
+            image = f"images/pic{k:03d}.jpg"
+            _image(root / image, rng, colour)
+            for j in range(captions):
+                voice = (k + j) % len(VOICES)
+                wav = f"wavs/pic{k:03d}_{j}.wav"
+                cap = _normalise(_caption(rng, colour, thing)).lower()
+                rows.append("\t".join((split, image, wav, f"voice{voice}", cap)))
+                jobs.append((root / wav, cap, VOICES[voice]))
+                texts[os.path.basename(wav)] = cap
+            k += 1
+    (root / "manifest.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    synthesize(jobs, sample_rate)
+    return Fake(root=root, utterances={s: captions * n for s, n in zip(("train", "dev", "test"), per_split)},
+                images=dict(zip(("train", "dev", "test"), per_split)), speakers=len(VOICES), texts=texts,
+                env={"CORPUS": str(root)})

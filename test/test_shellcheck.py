@@ -1,0 +1,56 @@
+"""shellcheck (the Debian package) on every ``*.sh`` of egs/, utils/ and tools/: any finding fails.
+
+Generated trees (``data/``, ``dump/``, ``exp/``, ``downloads/`` of recipes, hidden folders) are not sources and
+are left out. Without shellcheck the test is skipped, except under CI=true where that is a failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROOTS = ("egs", "utils", "tools")
+GENERATED = {"data", "dump", "exp", "downloads", "__pycache__"}
+
+
+def shell_scripts() -> List[str]:
+    """Repository-relative paths of the ``*.sh`` files under egs/, utils/, tools/ (generated trees excluded)."""
+    found = []
+    for root in ROOTS:
+        for dirpath, dirnames, filenames in os.walk(REPO / root):
+            dirnames[:] = sorted(d for d in dirnames if d not in GENERATED and not d.startswith("."))
+            found += [os.path.relpath(os.path.join(dirpath, f), REPO)
+                      for f in sorted(filenames) if f.endswith(".sh")]
+    return found
+
+
+def test_every_shell_script_is_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("shellcheck is not installed, and CI=true requires it (apt-get install shellcheck)")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    scripts = shell_scripts()
+    for expected in ("egs/TEMPLATE/speechclip.sh", "egs/TEMPLATE/setup.sh", "egs/flickr8k/run.sh",
+                     "egs/flickr8k/db.sh", "egs/flickr8k/local/data.sh", "egs/spokencoco/local/data.sh",
+                     "utils/parse_options.sh"):
+        assert expected in scripts, f"{expected} not found: the script walk is broken"
+    proc = subprocess.run(["shellcheck", "--format=gcc", *scripts], cwd=REPO, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, f"shellcheck findings:\n{proc.stdout}{proc.stderr}"
+
+
+def test_generated_trees_are_not_linted(tmp_path, monkeypatch):
+    """A run.sh written by training into exp/<tag>/ is output, not source."""
+    for d in ("egs/x/exp/tag", "egs/x/local", "utils"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "egs/x/exp/tag/run.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "egs/x/local/data.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "utils/a.sh").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert shell_scripts() == ["egs/x/local/data.sh", "utils/a.sh"]
