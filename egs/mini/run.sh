@@ -16,7 +16,7 @@ size=full          # full (about 1000 images x 5 captions) | ci (reduced, for te
 python=python3     # interpreter with speechclip_plus installed
 nj=2               # data-preparation jobs
 train_args=""      # extra training overrides for every variant
-check_bars=true    # exit non-zero when a quality bar of RESULTS.md is missed
+check_bars=false   # true: exit 1 when a quality bar of RESULTS.md is missed
 results=RESULTS.md # summary written here (the committed file is from a full run)
 
 # shellcheck disable=SC2034  # read by utils/parse_options.sh
