@@ -2,17 +2,30 @@
 
 ``os.replace`` within one directory is atomic on POSIX, so readers see either the old file or the complete
 new one, never a partial write. On an exception the temporary file is removed and the destination is left
-untouched. The temporary name keeps the destination's extension (``.x.tmp-1a2b3c4d.wav`` for ``x.wav``) so
-tools that pick a format from the extension (soundfile, torch) behave the same.
+untouched. The temporary name keeps the destination's extension (``.x.tmp-<host>-<pid>-1a2b3c4d.wav`` for
+``x.wav``) so tools that pick a format from the extension (soundfile, torch) behave the same.
+
+A process killed during a write (SIGKILL, power loss) leaves its temporary file behind, never a partial file
+under the final name. ``remove_stale_temps(dir)`` deletes such leftovers: temporary files of this host whose
+process is gone (a live writer's files, and other hosts' files on a shared file system, are left alone).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import uuid
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, List, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+_TEMP_RE = re.compile(r"^\..*\.tmp-(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)-[0-9a-f]{8}(\.[^.]*)?$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32]
 
 
 def temp_path_for(path: PathLike) -> str:
@@ -20,7 +33,37 @@ def temp_path_for(path: PathLike) -> str:
     path = os.fspath(path)
     directory, base = os.path.split(path)
     stem, ext = os.path.splitext(base)
-    return os.path.join(directory, f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
+    return os.path.join(directory, f".{stem}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(directory: PathLike) -> List[str]:
+    """Delete the temporary files (``temp_path_for`` names) in ``directory`` left by dead processes of this
+    host; returns their paths. A missing directory is fine."""
+    directory = os.fspath(directory)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    host, removed = _host(), []
+    for name in names:
+        m = _TEMP_RE.match(name)
+        if m is None or m.group("host") != host or _alive(int(m.group("pid"))):
+            continue
+        path = os.path.join(directory, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import sys
 from typing import Dict, List, Optional
 
 from speechclip_plus.config import ConfigError, load_config
-from speechclip_plus.data.datadir import DataDir, DataError, read_kv
+from speechclip_plus.data.datadir import DataDir, DataError, parse_entries, read_kv
 from speechclip_plus.data.image_cache import SCP_NAME, compute_image_embeddings
 
 
@@ -46,6 +46,16 @@ def gather_images(data_dirs: List[str]) -> Dict[str, str]:
             images[image_id] = path
             origin.setdefault(image_id, d)
     return images
+
+
+def image_labels(data_dirs: List[str]) -> Dict[str, str]:
+    """``{image id: "<dir>/img.scp:<line>"}`` (first occurrence), to name bad images in errors."""
+    labels: Dict[str, str] = {}
+    for d in data_dirs:
+        scp = DataDir(d).file("img.scp")
+        for lineno, image_id, _ in parse_entries(scp)[0]:
+            labels.setdefault(image_id, f"{scp}:{lineno}")
+    return labels
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -84,7 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging.info("CLIP %s (weights: %s) on %d image(s) of %s", name, pretrained or "random", len(images),
                      " ".join(args.data_dir))
         compute_image_embeddings(images, lambda x: clip.encode_image(x).float().cpu(), clip.preprocess,
-                                 args.out_dir, batch_size=args.batch_size, progress=not args.no_progress)
+                                 args.out_dir, batch_size=args.batch_size, progress=not args.no_progress,
+                                 labels=image_labels(args.data_dir))
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

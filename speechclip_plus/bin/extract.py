@@ -32,10 +32,11 @@ def write_ark_scp(out_dir: str, items: Iterator[Tuple[str, np.ndarray]]) -> Tupl
     """
     import kaldiio
 
-    from ..io import temp_path_for
+    from ..io import remove_stale_temps, temp_path_for
 
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temps(out_dir)  # a killed earlier run's partial ark
     ark_final, scp_final = os.path.join(out_dir, ARK), os.path.join(out_dir, SCP)
     ark_tmp, scp_tmp = temp_path_for(ark_final), temp_path_for(scp_final)
     lines: List[str] = []

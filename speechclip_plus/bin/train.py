@@ -14,7 +14,9 @@ Several processes: --ngpu N (GPUs, NCCL) or --nproc N (CPU processes, gloo) re-l
 torchrun; several machines: run the same command on each with --num_nodes/--node_rank/--master_addr/--master_port.
 train.batch_size is the global batch of one micro-step (divided over the processes), so results do not depend
 on the number of processes; the effective batch per optimiser step is batch_size x accum_grad.
-Exit status: 0 done, 1 training diverged (non-finite losses), 2 bad arguments or config.
+Exit status: 0 done, 1 training diverged (train.max_bad_steps consecutive non-finite losses; the last good
+checkpoint is kept), 2 bad arguments, config, data or checkpoint (e.g. --resume from a file that is not plain
+weights), 3 an output could not be written (disk full, read-only exp dir; the previous checkpoint is intact).
 """
 from __future__ import annotations
 
@@ -191,6 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: cannot write to the experiment dir {args.exp_dir}: {e}", file=sys.stderr)
+        return 3
     return train(cfg, args.exp_dir, device, args.resume, progress=not args.no_progress)
 
 
@@ -219,10 +224,12 @@ def relaunch(args, argv: Sequence[str], nproc: int, device: str) -> int:
 
 def train(cfg: dict, exp_dir: str, device: str, resume: bool, progress: bool = True) -> int:
     from ..data import DataError
+    from ..train.checkpoint import CheckpointError
     from ..train.distributed import cleanup, init_distributed
     from ..train.trainer import Trainer, TrainingDiverged
 
     dist_info = init_distributed(device)
+    trainer = None
     try:
         trainer = Trainer(cfg, exp_dir, dist_info, resume=resume, progress=progress)
         try:
@@ -232,9 +239,15 @@ def train(cfg: dict, exp_dir: str, device: str, resume: bool, progress: bool = T
             return 1
         finally:
             trainer.close()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only file system, ...: the last checkpoint written stays valid
+        if trainer is not None:  # train.log and the console (a failing log write is reported, not raised)
+            trainer.log.error(f"error: {e}")
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         cleanup()
     return 0

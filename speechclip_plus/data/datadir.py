@@ -19,6 +19,10 @@ file           entry                                       required
 Errors name ``file:line: key: what is wrong``. Lines ending in CR LF are accepted (the CR is removed and a
 warning logged). ``python -m speechclip_plus.data.datadir {subset,combine,fix} ...`` is the command line of
 the ``utils/*_data_dir.sh`` wrappers.
+
+Tools that drop utterances from a data dir in place (``fix_data_dir``, ``format_audio(skip_bad=True)``) first
+copy its files to a fresh ``<dir>/.backup[.N]/`` (``backup_data_dir``) and list every dropped utterance with
+its reason in ``<dir>/excluded.txt`` (``<utt> <reason>``, merged over runs; ``add_excluded``).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from speechclip_plus.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2img", "img.scp")
+EXCLUDED_FILE = "excluded.txt"  # utterances dropped by fix / format_audio --skip_bad, with the reason
 OPTIONAL_FILES = ("utt2dur",)
 UTT_FILES = ("wav.scp", "text", "utt2spk", "utt2img", "utt2dur")  # keyed by utterance
 MAX_SHOWN = 10
@@ -234,19 +239,35 @@ def _check_path(f: str, lineno: int, key: str, path: str, check_files: bool) -> 
     return None
 
 
+def image_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a usable image (missing, or PIL cannot fully decode it), or None."""
+    if not os.path.isfile(path):
+        return f"file not found: {path}"
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # a full decode: truncated files fail here, not only at Image.open
+    except Exception as e:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ... by format
+        return f"cannot decode {path} ({type(e).__name__}: {e})"
+    return None
+
+
 def _short(items: Iterable[str], n: int = 3) -> str:
     items = sorted(items, key=sort_key)
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def validate_data_dir(path: Union[str, os.PathLike], check_files: bool = True) -> List[str]:
+def validate_data_dir(path: Union[str, os.PathLike], check_files: bool = True,
+                      check_images: bool = False) -> List[str]:
     """Every problem of a data dir, one ``file:line: key: what`` string each (empty list = valid).
 
     Checks: required files exist and parse (UTF-8, key + value, no blank lines); no duplicate keys;
     ``LC_ALL=C`` order; the utterance files have exactly the keys of ``wav.scp``; each utt's image is in
     ``img.scp``; captions are not empty; speaker and image ids are single tokens; ``spk2utt`` is the
     inverse of ``utt2spk``; durations are positive numbers; audio and image paths are absolute and (when
-    ``check_files``) exist.
+    ``check_files``) exist; with ``check_images`` every image is decoded in full (slow on a large corpus).
+    Audio content is checked by stage 1 (``format_audio``), which reads every file.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -301,6 +322,10 @@ def validate_data_dir(path: Union[str, os.PathLike], check_files: bool = True) -
             problem = _check_path(where("img.scp"), lineno, key, value, check_files)
             if problem:
                 problems.append(problem)
+            elif check_images:
+                bad = image_problem(value)
+                if bad:
+                    problems.append(f"{where('img.scp')}:{lineno}: {key}: {bad}")
     for key, (lineno, value) in files.get("utt2img", {}).items():
         if len(value.split()) != 1:
             problems.append(f"{where('utt2img')}:{lineno}: {key}: image id must be one token: {value!r}")
@@ -457,28 +482,96 @@ def combine_data_dirs(dest: Union[str, os.PathLike], srcs: Sequence[Union[str, o
     return len(wav)
 
 
-def _read_lenient(path: str, allow_empty: bool, dropped: List[str]) -> Dict[str, str]:
-    """``read_kv`` that drops malformed lines and identical duplicates (noted in ``dropped``)."""
+def backup_data_dir(path: Union[str, os.PathLike]) -> str:
+    """Copy the data-dir files of ``path`` (and ``excluded.txt``) into a new ``<path>/.backup/``, or
+    ``.backup.2/``, ``.backup.3/``, ... when earlier backups exist (never overwritten); returns its path."""
+    path = os.fspath(path)
+    backup, n = os.path.join(path, ".backup"), 1
+    while os.path.exists(backup):
+        n += 1
+        backup = os.path.join(path, f".backup.{n}")
+    tmp = backup + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in REQUIRED_FILES + OPTIONAL_FILES + ("wav.scp.orig", EXCLUDED_FILE):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            shutil.copy2(f, os.path.join(tmp, name))
+    os.replace(tmp, backup)  # complete or absent
+    return backup
+
+
+def read_excluded(path: Union[str, os.PathLike]) -> Dict[str, str]:
+    """``{utt: reason}`` of ``<path>/excluded.txt`` (empty when there is none)."""
+    f = os.path.join(os.fspath(path), EXCLUDED_FILE)
+    return read_kv(f) if os.path.isfile(f) else {}
+
+
+def add_excluded(path: Union[str, os.PathLike], reasons: Mapping[str, str]) -> str:
+    """Merge ``{utt: reason}`` into ``<path>/excluded.txt`` (one ``<utt> <reason>`` line each, sorted,
+    written atomically; an utterance already listed keeps its first reason). Returns the file path."""
+    merged = read_excluded(path)
+    for utt, reason in reasons.items():
+        merged.setdefault(utt, " ".join(str(reason).split()) or "excluded")
+    f = os.path.join(os.fspath(path), EXCLUDED_FILE)
+    write_kv(f, merged)
+    return f
+
+
+def remove_utterances(path: Union[str, os.PathLike], reasons: Mapping[str, str]) -> Dict[str, str]:
+    """Drop the utterances ``reasons`` names from the data dir ``path`` in place (a backup first, the reasons
+    added to ``excluded.txt``); unused images leave ``img.scp``, ``spk2utt`` is rebuilt. Returns
+    ``{"backup": dir, "excluded": file}``. ``DataError`` if no utterance would remain."""
+    path = os.fspath(path)
+    d = DataDir(path)
+    keep = [u for u in d.utts if u not in reasons]
+    if not keep:
+        raise DataError(f"{path}: excluding the bad utterances would leave none ({len(reasons)} excluded)")
+    backup = backup_data_dir(path)
+    excluded = add_excluded(path, reasons)
+    durs = d.utt2dur
+    images = {d.utt2img[u] for u in keep}
+    write_data_dir(path, {u: d.wav[u] for u in keep}, {u: d.text[u] for u in keep},
+                   {u: d.utt2spk[u] for u in keep}, {u: d.utt2img[u] for u in keep},
+                   {i: d.img[i] for i in images}, None if durs is None else {u: durs[u] for u in keep})
+    return {"backup": backup, "excluded": excluded}
+
+
+_PROBLEM_KEY = re.compile(r"^.*?:(\d+): (\S+): ")
+
+
+def _read_lenient(path: str, allow_empty: bool, dropped: List[str],
+                  bad_keys: Dict[str, str]) -> Dict[str, Tuple[int, str]]:
+    """``{key: (line, value)}`` of ``path`` without malformed lines and identical duplicates (noted in
+    ``dropped``; a malformed line's problem is also kept in ``bad_keys[key]``)."""
     entries, problems = parse_entries(path, allow_empty=allow_empty)
     dropped += problems
-    out: Dict[str, str] = {}
+    for problem in problems:
+        m = _PROBLEM_KEY.match(problem[len(path):]) if problem.startswith(path) else None
+        if m:
+            bad_keys.setdefault(m.group(2), problem)
+    out: Dict[str, Tuple[int, str]] = {}
     for lineno, key, value in entries:
         if key in out:
-            if out[key] != value:
-                raise DataError(f"{path}:{lineno}: {key}: duplicate key with a different value; fix it by hand")
+            if out[key][1] != value:
+                raise DataError(f"{path}:{lineno}: {key}: duplicate key with a different value "
+                                f"(first on line {out[key][0]}); fix it by hand")
             dropped.append(f"{path}:{lineno}: {key}: identical duplicate line removed")
             continue
-        out[key] = value
+        out[key] = (lineno, value)
     return out
 
 
-def fix_data_dir(path: Union[str, os.PathLike], check_files: bool = False) -> Dict[str, int]:
-    """Repair a data dir in place; the original files are copied to ``<dir>/.backup/`` first.
+def fix_data_dir(path: Union[str, os.PathLike], check_files: bool = False,
+                 check_images: bool = False) -> Dict[str, int]:
+    """Repair a data dir in place; its files are first copied to a new ``<dir>/.backup[.N]/``.
 
     Sorts every file; removes CRs, blank/malformed lines and identical duplicate lines; removes an
     incomplete ``utt2dur``; keeps only the utterances present in every utterance file with a non-empty
-    caption and an image in ``img.scp``
-    (and, if ``check_files``, existing audio and image files); drops unused images; rebuilds ``spk2utt``.
+    caption and an image in ``img.scp`` (and, if ``check_files``, existing audio and image files; if
+    ``check_images``, images that decode); drops unused images; rebuilds ``spk2utt``. Every dropped
+    utterance is listed with its reason (``file:line: ...``) in ``<dir>/excluded.txt``. A key repeated with
+    different values, a missing required file or an empty result is a ``DataError`` and changes nothing.
     Returns ``{"kept": n, "removed": m}``.
     """
     path = os.fspath(path)
@@ -488,50 +581,58 @@ def fix_data_dir(path: Union[str, os.PathLike], check_files: bool = False) -> Di
         if not os.path.isfile(os.path.join(path, name)):
             raise DataError(f"{os.path.join(path, name)}: missing (required file); cannot fix")
     notes: List[str] = []
-    tables = {}
+    tables: Dict[str, Dict[str, Tuple[int, str]]] = {}
+    bad_lines: Dict[str, Dict[str, str]] = {}
     for name in UTT_FILES + ("img.scp",):
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            tables[name] = _read_lenient(f, allow_empty=(name == "text"), dropped=notes)
-    img = tables["img.scp"]
-    if check_files:
-        for i, p in list(img.items()):
-            if not os.path.isfile(p):
-                notes.append(f"{path}/img.scp: {i}: image file not found: {p}")
+            bad_lines[name] = {}
+            tables[name] = _read_lenient(f, allow_empty=(name == "text"), dropped=notes, bad_keys=bad_lines[name])
+
+    def where(name: str, key: str) -> str:
+        return f"{os.path.join(path, name)}:{tables[name][key][0]}"
+
+    img = dict(tables["img.scp"])
+    bad_image: Dict[str, str] = {}
+    if check_files or check_images:
+        for i, (_, p) in sorted(img.items()):
+            problem = image_problem(p) if check_images else (None if os.path.isfile(p) else f"file not found: {p}")
+            if problem:
+                bad_image[i] = f"{where('img.scp', i)}: {i}: {problem}"
+                notes.append(bad_image[i])
                 del img[i]
     utts = set(tables["wav.scp"])
     if "utt2dur" in tables and utts - set(tables["utt2dur"]):
         notes.append(f"{path}/utt2dur: incomplete, removed (stage 1 / format_audio rewrites it)")
         del tables["utt2dur"]
+    reasons: Dict[str, str] = {}
     for name in UTT_FILES[1:]:
         if name in tables:
-            lacking = utts - set(tables[name])
-            notes += [f"{path}: {u}: removed, not in {name}" for u in sorted(lacking)]
-            utts -= lacking
-    for u in sorted(utts):
-        reason = None
-        if not tables["text"][u].strip():
-            reason = "empty caption"
-        elif tables["utt2img"][u] not in img:
-            reason = f"image {tables['utt2img'][u]} not in img.scp"
-        elif check_files and not os.path.isfile(tables["wav.scp"][u]):
-            reason = f"audio file not found: {tables['wav.scp'][u]}"
-        elif "utt2dur" in tables and _positive_float(tables["utt2dur"][u]) is None:
-            reason = f"bad duration {tables['utt2dur'][u]!r}"
-        if reason:
-            notes.append(f"{path}: {u}: removed, {reason}")
-            utts.discard(u)
+            for u in sorted(utts - set(tables[name]), key=sort_key):
+                reasons[u] = bad_lines[name].get(u) or f"{os.path.join(path, name)}: {u}: missing"
+            utts -= set(reasons)
+    for u in sorted(utts, key=sort_key):
+        text, image, audio = tables["text"][u][1], tables["utt2img"][u][1], tables["wav.scp"][u][1]
+        if not text.strip():
+            reasons[u] = f"{where('text', u)}: {u}: empty caption"
+        elif image in bad_image:
+            reasons[u] = bad_image[image]
+        elif image not in img:
+            reasons[u] = f"{where('utt2img', u)}: {u}: image {image} not in img.scp"
+        elif check_files and not os.path.isfile(audio):
+            reasons[u] = f"{where('wav.scp', u)}: {u}: audio file not found: {audio}"
+        elif "utt2dur" in tables and _positive_float(tables["utt2dur"][u][1]) is None:
+            reasons[u] = f"{where('utt2dur', u)}: {u}: bad duration {tables['utt2dur'][u][1]!r}"
+    utts -= set(reasons)
+    notes += [f"{u}: removed: {r}" for u, r in sorted(reasons.items())]
     if not utts:
         raise DataError(f"{path}: fixing would remove every utterance:\n  " + "\n  ".join(notes[:MAX_SHOWN]))
     total = len(tables["wav.scp"])
-    backup = os.path.join(path, ".backup")
-    os.makedirs(backup, exist_ok=True)
-    for name in REQUIRED_FILES + OPTIONAL_FILES:
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            shutil.copy2(f, os.path.join(backup, name))
-    used = {tables["utt2img"][u] for u in utts}
-    pick = {name: {u: t[u] for u in utts} for name, t in tables.items() if name in UTT_FILES}
+    backup = backup_data_dir(path)
+    if reasons:
+        add_excluded(path, reasons)
+    used = {tables["utt2img"][u][1] for u in utts}
+    pick = {name: {u: t[u][1] for u in utts} for name, t in tables.items() if name in UTT_FILES}
     durs = pick.get("utt2dur")
     write_data_dir(
         path,
@@ -539,14 +640,15 @@ def fix_data_dir(path: Union[str, os.PathLike], check_files: bool = False) -> Di
         pick["text"],
         pick["utt2spk"],
         pick["utt2img"],
-        {i: img[i] for i in used},
+        {i: img[i][1] for i in used},
         None if durs is None else {u: float(v) for u, v in durs.items()},
     )
     for note in notes[:MAX_SHOWN]:
         log.warning("fix: %s", note)
     if len(notes) > MAX_SHOWN:
         log.warning("fix: ... and %d more", len(notes) - MAX_SHOWN)
-    log.info("fix: %s: kept %d of %d utterance(s); originals in %s", path, len(utts), total, backup)
+    log.info("fix: %s: kept %d of %d utterance(s)%s; originals in %s", path, len(utts), total,
+             f", excluded ones listed in {os.path.join(path, EXCLUDED_FILE)}" if reasons else "", backup)
     return {"kept": len(utts), "removed": total - len(utts)}
 
 
@@ -594,9 +696,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("combine", help="union of data dirs")
     p.add_argument("dest")
     p.add_argument("srcs", nargs="+")
-    p = sub.add_parser("fix", help="sort, drop inconsistent utterances, rebuild spk2utt (backup in .backup/)")
+    p = sub.add_parser("fix", help="sort, drop inconsistent utterances, rebuild spk2utt (backup in .backup/, "
+                                   "dropped utterances in excluded.txt)")
     p.add_argument("--check-files", "--check_files", dest="check_files", action="store_true",
                    help="also drop utterances whose audio or image file is missing")
+    p.add_argument("--check-images", "--check_images", dest="check_images", action="store_true",
+                   help="also drop utterances whose image does not decode (slow)")
     p.add_argument("dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -611,7 +716,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n = combine_data_dirs(args.dest, args.srcs)
             log.info("combine: %d utterance(s) from %d dir(s) -> %s", n, len(args.srcs), args.dest)
         else:
-            fix_data_dir(args.dir, check_files=args.check_files)
+            fix_data_dir(args.dir, check_files=args.check_files, check_images=args.check_images)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

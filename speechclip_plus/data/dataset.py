@@ -23,8 +23,8 @@ EmbedSource = Union[str, os.PathLike, Mapping[str, Any], None]
 class SpeechImageDataset(Dataset):
     """Items ``dict(utt, wav (L,) float32, image_id, image_index, image_embed (D,) | None, text)``.
 
-    image_embeds: path to a kaldiio ``img_embed.scp`` (read lazily per item) or a mapping image id ->
-        vector; every image used by the data dir must be present. None: no embedding.
+    image_embeds: path to an ``img_embed.scp`` (``image_cache.EmbeddingScp``, read lazily per item) or a
+        mapping image id -> vector; every image used by the data dir must be present. None: no embedding.
     image_loader: ``callable(path) -> tensor`` giving an item's ``image``; only when ``image_embeds`` is None
         (training uses the cache; this is for tools that need pixels).
     """
@@ -61,12 +61,10 @@ class SpeechImageDataset(Dataset):
         if source is None:
             return None
         if isinstance(source, (str, os.PathLike)):
-            import kaldiio
+            from speechclip_plus.data.image_cache import EmbeddingScp  # a reader that never unpickles
 
             path = os.fspath(source)
-            if not os.path.isfile(path):
-                raise DataError(f"{path}: image embedding scp not found (run stage 2)")
-            embeds: Mapping[str, Any] = kaldiio.load_scp(path)
+            embeds: Mapping[str, Any] = EmbeddingScp(path)
             where = path
         else:
             embeds, where = source, "image_embeds"

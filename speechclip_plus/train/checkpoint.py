@@ -16,6 +16,12 @@ Frozen weights: parameters that do not require gradients (CLIP, the SSL upstream
 when the model rebuilds them from its config (pretrained weights), which keeps training checkpoints small;
 buffers are always kept. ``load_model_state`` loads with ``strict=False`` and checks that only the excluded
 names are missing. The trainer keeps randomly initialised frozen parts (``clip.pretrained: null``).
+
+Failures: a checkpoint that cannot be read (missing, truncated, or pickling anything but plain containers
+and tensors, which ``weights_only`` never executes) raises ``CheckpointError``; a checkpoint that cannot be
+written (disk full, read-only file system) raises ``CheckpointWriteError`` (an ``OSError``) naming the
+previous checkpoint, which stays intact (the new one is written under a temporary name and renamed).
+Temporary files of a killed earlier run are removed when the directory is opened.
 """
 from __future__ import annotations
 
@@ -30,9 +36,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_path, atomic_write_text, torch_save_atomic
+from ..io import atomic_path, atomic_write_text, remove_stale_temps, torch_save_atomic
 
 STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded (missing, truncated, not plain data)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written; the previous one is intact (see the message)."""
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -97,14 +111,29 @@ def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], excluded:
         )
 
 
+def _load_error_detail(e: Exception) -> str:
+    """The informative line of a ``torch.load`` error (torch's advice to retry with ``weights_only=False``
+    and its documentation links are left out)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    useful = [x for x in lines if not x.startswith(("Weights only load failed", "Check the documentation",
+                                                    "Please file an issue"))]
+    return f"{type(e).__name__}: {(useful or lines or [''])[0][:300]}"
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with a clear error for a missing or unreadable file."""
+    """``torch.load(path, weights_only=True)``; ``CheckpointError`` naming the file if it is missing,
+    unreadable, or not a dict of plain data (pickled code is refused, never run)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: corrupted, truncated, or it contains pickled objects other than "
+            f"plain containers and tensors, which are never loaded ({_load_error_detail(e)})") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"cannot load checkpoint {path}: expected a dict, got {type(ck).__name__}")
+    return ck
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -126,6 +155,7 @@ class CheckpointDir:
         self.path = path
         self.keep = keep
         os.makedirs(path, exist_ok=True)
+        remove_stale_temps(path)  # a partial checkpoint of a killed run is never taken for one
 
     @property
     def last(self) -> str:
@@ -145,13 +175,36 @@ class CheckpointDir:
     def steps(self) -> List[int]:
         return sorted(int(m.group(1)) for f in os.listdir(self.path) if (m := STEP_RE.match(f)))
 
+    def last_step(self) -> Optional[int]:
+        """The step ``last.pt`` holds (the ``step-N.pt`` it is linked to), or None without one."""
+        if not os.path.exists(self.last):
+            return None
+        for step in reversed(self.steps()):
+            try:
+                if os.path.samefile(self.last, self.step_path(step)):
+                    return step
+            except OSError:
+                continue
+        return None
+
     def save(self, state: Dict[str, Any], step: int, is_best: bool = False) -> str:
-        """Write ``step-<step>.pt``, point ``last.pt`` (and ``best.pt``) at it, drop old step files."""
+        """Write ``step-<step>.pt``, point ``last.pt`` (and ``best.pt``) at it, drop old step files.
+
+        ``CheckpointWriteError`` if writing fails; ``last.pt`` then still holds the previous checkpoint.
+        """
         path = self.step_path(step)
-        torch_save_atomic(state, path)
-        _link_atomic(path, self.last)
-        if is_best:
-            _link_atomic(path, self.best)
+        try:
+            torch_save_atomic(state, path)
+            _link_atomic(path, self.last)
+            if is_best:
+                _link_atomic(path, self.best)
+        except OSError as e:
+            prev = self.last_step()
+            kept = (f"the previous checkpoint {self.last} (step {prev}) is intact" if prev is not None else
+                    f"{self.last} is intact" if os.path.exists(self.last) else "there is no earlier checkpoint")
+            err = CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}")
+            err.errno = e.errno
+            raise err from e
         for old in self.steps()[: max(0, len(self.steps()) - self.keep)]:
             os.remove(self.step_path(old))
         return path

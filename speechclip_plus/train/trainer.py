@@ -48,6 +48,7 @@ from ..models.speechclip import build_model
 from . import distributed as D
 from .checkpoint import (
     CheckpointDir,
+    CheckpointError,
     best_is_better,
     frozen_parameter_names,
     load_checkpoint,
@@ -108,7 +109,8 @@ class Trainer:
         self.ckpt = CheckpointDir(os.path.join(self.exp_dir, "checkpoints"), tc["keep_checkpoints"])
         self._check_train_config()
         if not resume and os.path.exists(self.ckpt.last):
-            raise RuntimeError(f"{self.exp_dir} already holds checkpoints; pass --resume or use another --exp_dir")
+            raise CheckpointError(f"{self.exp_dir} already holds checkpoints; pass --resume or use another "
+                                  "--exp_dir")
         self._log_start()
 
         seed_everything(tc["seed"])
@@ -246,7 +248,7 @@ class Trainer:
             return
         ck = load_checkpoint(path)
         if ck.get("format") != CHECKPOINT_FORMAT:
-            raise RuntimeError(f"{path}: checkpoint format {ck.get('format')} (expected {CHECKPOINT_FORMAT})")
+            raise CheckpointError(f"{path}: checkpoint format {ck.get('format')} (expected {CHECKPOINT_FORMAT})")
         if ck["config"]["model"] != self.cfg["model"]:
             diff = sorted(_diff_keys(ck["config"]["model"], self.cfg["model"], "model"))
             raise ConfigError(f"{path}: the checkpoint's model config differs from this run's at "
@@ -260,8 +262,8 @@ class Trainer:
         if ck["scaler"]:
             self.scaler.load_state_dict(ck["scaler"])
         if ck["world_size"] != self.dist.world_size:
-            raise RuntimeError(f"{path} was written by {ck['world_size']} processes; resume with the same number "
-                               f"(now {self.dist.world_size}) to continue the same batches")
+            raise CheckpointError(f"{path} was written by {ck['world_size']} processes; resume with the same "
+                                  f"number (now {self.dist.world_size}) to continue the same batches")
         self.sampler.load_state_dict(ck["sampler"])
         self.step = int(ck["step"])
         self.epoch, self.batches_done = int(ck["sampler"]["epoch"]), int(ck["sampler"]["position"])
@@ -525,10 +527,12 @@ class Trainer:
             self.writer.scalars(metrics, self.step, prefix="valid/")
         state = self.state_dict()
         if self.dist.is_main:
-            path = self.ckpt.save(state, self.step, is_best)
+            # metrics line first: a crash before the checkpoint leaves a line that --resume trims (step > the
+            # checkpoint's); the other order would lose the line of a checkpoint written just before a crash
             if metrics:
                 self.ckpt.append_metrics({"step": self.step, "epoch": self.epoch, "best": is_best,
                                           "time": round(time.time(), 3), **metrics})
+            path = self.ckpt.save(state, self.step, is_best)
             self.log.info(f"saved {path}" + (f" (best {key} {metrics[key]:.4g})" if is_best else ""))
         D.barrier()
         return metrics
