@@ -86,10 +86,11 @@ def _torch_load_plain(path: str, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every reader error becomes one clear message naming the file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from .train.checkpoint import _load_error_detail
+
         raise ModelFileError(
             f"{path}: cannot be read as a {what} (corrupted, truncated, or it contains pickled objects other "
-            f"than plain containers and tensors, which are never loaded): {first}"
+            f"than plain containers and tensors, which are never loaded): {_load_error_detail(e)}"
         ) from None
 
 

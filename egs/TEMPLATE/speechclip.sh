@@ -42,6 +42,8 @@ test_sets="test"        # test set names (space separated)
 vocab_source=train      # keyword vocabulary from the train text (train) or every set (all, as the reference)
 spm_vocab_size=500      # sentencepiece BPE size (the spm CIF target and subword statistics)
 image_batch_size=64     # images per batch in stage 2
+validate_opts=""        # options for speechclip_plus.bin.validate_data (e.g. "--fix_dir --check_images")
+format_audio_opts=""    # options for speechclip_plus.bin.format_audio (e.g. "--skip_bad")
 
 # Training / scoring options
 train_config=""         # model + training YAML (required)
@@ -60,6 +62,7 @@ Options (current values):
   --master_addr \${master_addr}  --master_port \${master_port}  --dumpdir \${dumpdir}  --expdir \${expdir}
   --local_data_opts "\${local_data_opts}"
   --train_set \${train_set}  --valid_set \${valid_set}  --test_sets "\${test_sets}"
+  --validate_opts "\${validate_opts}"  --format_audio_opts "\${format_audio_opts}"
   --vocab_source \${vocab_source}  --spm_vocab_size \${spm_vocab_size}  --image_batch_size \${image_batch_size}
   --train_config \${train_config}  --train_args "\${train_args}"  --tag "\${tag}"
   --score_opts "\${score_opts}"  --resume \${resume}
@@ -117,16 +120,18 @@ if run_stage 0; then
     # shellcheck disable=SC2086
     done_or_run data/.stage0.done local/data.sh ${local_data_opts}
     for dset in ${all_sets}; do
-        ${python} -m speechclip_plus.bin.validate_data "data/${dset}"
+        # shellcheck disable=SC2086
+        ${python} -m speechclip_plus.bin.validate_data ${validate_opts} "data/${dset}"
     done
 fi
 
 if run_stage 1; then
     log "Stage 1: audio check/format (16 kHz mono) + durations: data/<set>/wav.scp -> utt2dur, ${dumpdir}/audio/"
     for dset in ${all_sets}; do
+        # shellcheck disable=SC2086
         done_or_run "data/${dset}/.stage1.done" \
             ${python} -m speechclip_plus.bin.format_audio --data_dir "data/${dset}" \
-                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}"
+                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}" ${format_audio_opts}
     done
 fi
 
