@@ -261,6 +261,9 @@ def test_invalid_inputs_raise():
         cif(h, a, None, torch.tensor([1, -1]))
     with pytest.raises(ValueError, match=">= 0"):
         cif(h, -a)
+    with pytest.raises(ValueError, match="finite"):
+        cif(h, torch.where(torch.arange(5) == 2, float("nan"), a))
+    cif(h, torch.where(torch.arange(5) == 4, float("nan"), a), torch.arange(5).expand(2, 5) == 4)  # pads ignored
     with pytest.raises(ValueError, match="hidden"):
         cif(h[0], a)
     with pytest.raises(ValueError, match="conv_width"):

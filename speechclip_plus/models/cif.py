@@ -73,7 +73,8 @@ def _check_inputs(
         raise ValueError(f"{where}: alpha must be (B, S) = {(B, S)}, got {tuple(alpha.shape)}")
     if pad_mask is not None and (tuple(pad_mask.shape) != (B, S) or pad_mask.dtype != torch.bool):
         raise ValueError(
-            f"{where}: pad_mask must be a bool (B, S) = {(B, S)} tensor, got {pad_mask.dtype} {tuple(pad_mask.shape)}"
+            f"{where}: pad_mask must be a bool (B, S) = {(B, S)} tensor, "
+            f"got {pad_mask.dtype} {tuple(pad_mask.shape)}"
         )
     if target_lengths is not None:
         if tuple(target_lengths.shape) != (B,):
@@ -144,7 +145,7 @@ def cif(
     a = alpha.to(torch.float64)
     if pad_mask is not None:
         a = a.masked_fill(pad_mask, 0.0)
-    if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+    if not bool(((a >= 0) & (a < float("inf"))).all()):  # also False for NaN
         raise ValueError("speechclip_plus/models/cif.py: cif(): alpha must be finite and >= 0 on valid frames")
     quantity = a.sum(1)
     training = target_lengths is not None
