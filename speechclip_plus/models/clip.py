@@ -343,17 +343,21 @@ class FrozenCLIP(nn.Module):
 
         text = self._text
         cast_dtype = text.transformer.get_cast_dtype()
-        pos = torch.arange(ctx, device=device)
+        # The text transformer is causal, so the EOT state depends only on positions <= EOT: run it over the
+        # n = max(L_b) + 2 positions the longest prompt uses instead of the whole context (same output).
+        n = int(lengths.max()) + 2 if bsz else 2
+        pos = torch.arange(n, device=device)
         eot_pos = lengths + 1
-        ids = torch.full((bsz, ctx), PAD_ID, dtype=torch.long, device=device)
+        ids = torch.full((bsz, n), PAD_ID, dtype=torch.long, device=device)
         ids[:, 0] = self.sot_id
         ids[torch.arange(bsz, device=device), eot_pos] = self.eot_id
         x = text.token_embedding(ids).to(cast_dtype)
-        slots = F.pad(keywords.to(cast_dtype), (0, 0, 1, ctx - k - 1))  # keyword j at position j + 1
+        slots = F.pad(keywords[:, : n - 2].to(cast_dtype), (0, 0, 1, 1))  # keyword j at position j + 1
         use = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])
         x = torch.where(use[..., None], slots, x)
-        x = x + text.positional_embedding.to(cast_dtype)
-        x = text.transformer(x, attn_mask=text.attn_mask)
+        x = x + text.positional_embedding[:n].to(cast_dtype)
+        mask = text.attn_mask[:n, :n] if text.attn_mask is not None else None
+        x = text.transformer(x, attn_mask=mask)
         x = text.ln_final(x)
         x = x[torch.arange(bsz, device=device), eot_pos]
         proj = text.text_projection
