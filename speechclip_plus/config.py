@@ -89,7 +89,7 @@ DEFAULTS: Dict[str, Any] = {
         "warmup_steps": 5000,
         "final_lr": 1.0e-8,
         "grad_clip": 4.0,
-        "amp": True,  # fp16 + scaler on GPU, bf16 autocast on CPU
+        "amp": True,  # fp16 + scaler on GPU, bf16 autocast on a CPU with native bf16, else float32
         "valid_every": 1000,  # optimiser steps between validations
         "log_every": 50,
         "keep_checkpoints": 3,

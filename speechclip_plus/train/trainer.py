@@ -4,7 +4,8 @@ Per optimiser step (``train`` config section):
 - ``accum_grad`` micro-batches, each a length-bucketed global batch (``batch_size`` utterances, at most
   ``max_batch_seconds`` of padded audio, both over all ranks) split over the ranks, so the result does not
   depend on the number of processes; loss / accum_grad is back-propagated (DDP syncs gradients on the last
-  micro-batch only). Autocast: fp16 with a GradScaler on CUDA, bf16 on CPU (``amp``).
+  micro-batch only). Autocast (``amp``): fp16 with a GradScaler on CUDA, bf16 on a CPU with native bf16,
+  float32 otherwise (``precision.py``).
 - A non-finite loss on any rank (or a non-finite gradient norm without a GradScaler) skips the step: the
   gradients are dropped, the step counter does not move; ``max_bad_steps`` consecutive skips stop the run
   (``TrainingDiverged``), leaving the last good checkpoint as it is.
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, save_config
 from ..data import LengthBucketSampler, SpeechImageDataset, collate
+from .precision import amp_dtype, autocast
 from ..eval.retrieval import recall_at_k
 from ..models.speechclip import build_model
 from . import distributed as D
@@ -184,6 +186,9 @@ class Trainer:
                       f"{tc['batch_size'] * tc['accum_grad']}"
                       + (f" (capped at {tc['max_batch_seconds']} s of audio per batch)"
                          if tc["max_batch_seconds"] else ""))
+        dtype = amp_dtype(self.device, bool(tc["amp"]))
+        self.log.info(f"precision: {'autocast ' + str(dtype).replace('torch.', '') if dtype else 'float32'}"
+                      + (" (train.amp: this CPU has no native bf16)" if tc["amp"] and dtype is None else ""))
         self.log.info(f"seed {tc['seed']} (re-seeded per epoch with seed + 1000 * epoch + rank)")
 
     def _build_data(self) -> None:
@@ -299,11 +304,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ batches
     def _autocast(self):
-        if not self.tc["amp"]:
-            return contextlib.nullcontext()
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return autocast(self.device, bool(self.tc["amp"]))
 
     def _inputs(self, batch: Dict) -> Dict[str, Any]:
         """Model keyword arguments for a collated batch (image indices are dataset-wide, rank-consistent)."""

@@ -12,7 +12,8 @@ EOT pooling this equals ``CLIP.encode_text`` on the 77-token input, at a fractio
 
 ``conf/clip_mini.json`` uses open_clip's ModifiedResNet image tower (layers [1,1,1,1], width 16): on the
 64-px scenes it reached test text->image R@1 0.88 in 300 steps, where a ViT of the same step cost
-(patch 16, width 192, 4 layers) reached 0.56. bf16 autocast made a step ~20% cheaper at equal recall.
+(patch 16, width 192, 4 layers) reached 0.56. bf16 autocast made a step ~20% cheaper at equal recall on a CPU
+with native bf16, and many times slower on one without (``--precision auto`` picks it only where native).
 
 Outputs in ``exp_dir`` (each written to a temp name and renamed):
   clip.pt        the model's ``state_dict()`` (floating tensors in float32)
@@ -46,6 +47,7 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+from speechclip_plus.train.precision import cpu_has_native_bf16  # noqa: E402
 
 LOG = logging.getLogger("train_clip")
 
@@ -239,6 +241,8 @@ def train(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     total = args.epochs * steps_per_epoch if args.epochs > 0 else args.steps
     if total < 1:
         raise ValueError(f"--steps must be >= 1, got {total}")
+    if args.precision == "auto":
+        args.precision = "bf16" if cpu_has_native_bf16() else "fp32"
     bf16 = args.precision == "bf16"
     n_params = sum(p.numel() for p in model.parameters())
     LOG.info("model %s: %.2f M parameters; %d steps of %d images (%d per epoch), lr %g, %s", name,
@@ -322,8 +326,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--shift", type=int, default=3, help="max random shift of training images, pixels")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                   help="bf16: autocast on CPU (weights stay float32)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16: autocast on CPU (weights stay float32); auto: bf16 when the CPU has native bf16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=50)
