@@ -44,6 +44,9 @@ DEFAULTS: Dict[str, Any] = {
             "n_heads": 8,
             "ffn_dim": 3072,  # transformer only
             "dropout": 0.1,
+            "attention_dropout": None,  # dropout on the attention weights; null = dropout (0 allows fused kernels)
+            "conv_pos": 0,  # width of a convolutional positional embedding on the frames (HuBERT-style); 0 = none
+            "conv_pos_groups": 16,  # its channel groups
         },
         "parallel": {
             "weight": 1.0,  # loss weight w_p (p, h, hplus)
@@ -233,6 +236,12 @@ def check(cfg: Dict) -> Dict:
         raise ConfigError(f"model.variant: '{m['variant']}' is not one of {', '.join(VARIANTS)}")
     if m["encoder"]["type"] not in ("mha", "transformer"):
         raise ConfigError(f"model.encoder.type: '{m['encoder']['type']}' is not one of mha, transformer")
+    enc = m["encoder"]
+    ad = enc["attention_dropout"]
+    if ad is not None and (isinstance(ad, bool) or not isinstance(ad, (int, float)) or not 0 <= ad < 1):
+        raise ConfigError(f"model.encoder.attention_dropout: {ad!r} is not null or a number in [0, 1)")
+    if enc["conv_pos"] < 0 or (enc["conv_pos"] and enc["conv_pos"] % 2 == 0):
+        raise ConfigError(f"model.encoder.conv_pos: {enc['conv_pos']} is not 0 (none) or an odd width")
     if m["cif"]["target"] not in ("duration", "clip_bpe", "spm"):
         raise ConfigError(f"model.cif.target: '{m['cif']['target']}' is not one of duration, clip_bpe, spm")
     if m["retrieval_branch"] not in (None, "parallel", "cascaded"):

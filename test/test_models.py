@@ -190,3 +190,42 @@ def test_spm_target_model_embeds_without_targets_at_inference_but_needs_them_in_
         model(wav, lens, img, idx)
     out = model(wav, lens, img, idx, target_lengths=torch.tensor([2, 3]))
     assert out["keyword_lengths"].tolist() == [2, 3] and "quantity" in out["terms"]
+
+
+def test_conv_positional_embedding_ignores_padding_and_sees_order():
+    from speechclip_plus.models.attention import ConvPositionalEmbedding
+
+    torch.manual_seed(0)
+    pe = ConvPositionalEmbedding(32, width=5, groups=8)
+    x = torch.randn(2, 12, 32)
+    pad = torch.arange(12)[None] >= torch.tensor([12, 7])[:, None]
+    noisy = x.clone()
+    noisy[1, 7:] = 1e3  # whatever sits in padded frames must not leak into valid ones
+    out = pe(noisy, pad)
+    alone = pe(x[1:, :7], torch.zeros(1, 7, dtype=torch.bool))
+    torch.testing.assert_close(out[1, :7], alone[0], rtol=1e-5, atol=1e-5)
+    assert out[1, 7:].abs().max() == 0
+    # unlike attention alone, the output of a frame depends on its neighbours' order
+    perm = torch.randperm(12)
+    assert not torch.allclose(pe(x[:1, perm], pad[:1])[0], pe(x[:1], pad[:1])[0, perm], atol=1e-4)
+    with pytest.raises(ValueError, match="odd"):
+        ConvPositionalEmbedding(32, width=4)
+
+
+def test_encoder_options_reach_the_model():
+    from speechclip_plus.config import ConfigError
+
+    model = tiny_model("hplus", "--model.encoder.conv_pos", "3", "--model.encoder.conv_pos_groups", "4",
+                       "--model.encoder.attention_dropout", "0.0")
+    assert model.pos_conv.conv.kernel_size == (3,) and model.pos_conv.conv.groups == 4
+    assert any(p is model.pos_conv.conv.weight for p in model.trainable_parameters())
+    attn = [m for m in model.encoder.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attn and all(m.dropout == 0.0 for m in attn)
+    assert tiny_model("hplus").pos_conv is None
+    wav, wav_len, images, image_index = batch(model)
+    out = model(wav, wav_len, images, image_index, step=0)
+    out["loss"].backward()
+    assert model.pos_conv.conv.weight.grad.abs().sum() > 0
+    for bad in (["--model.encoder.conv_pos", "4"], ["--model.encoder.attention_dropout", "1.5"]):
+        with pytest.raises(ConfigError):
+            load_config(os.path.join(CONF, "tiny_hplus.yaml"), bad)

@@ -16,7 +16,7 @@ size=full          # full (about 1000 images x 5 captions) | ci (reduced, for te
 python=python3     # interpreter with speechclip_plus installed
 nj=2               # data-preparation jobs
 train_args=""      # extra training overrides for every variant
-check_bars=false   # true: exit 1 when a quality bar of RESULTS.md is missed
+check_bars=auto    # true: exit 1 when a quality bar of RESULTS.md is missed; auto: true for --size full
 results=RESULTS.md # summary written here (the committed file is from a full run)
 
 # shellcheck disable=SC2034  # read by utils/parse_options.sh
@@ -40,6 +40,14 @@ case "${size}" in
         size_args="--train.max_steps 30 --train.valid_every 15 --train.warmup_steps 5 --train.batch_size 16" ;;
     *)
         echo "$0: --size must be full or ci" >&2; exit 2 ;;
+esac
+
+if [ "${check_bars}" = auto ]; then
+    if [ "${size}" = full ]; then check_bars=true; else check_bars=false; fi
+fi
+case "${check_bars}" in
+    true|false) ;;
+    *) echo "$0: --check_bars must be true, false or auto" >&2; exit 2 ;;
 esac
 
 SECONDS=0

@@ -2,6 +2,7 @@
 
 Data flow (reference.md §1.4), shared by every variant:
   wav -> [train: random crop to max_audio_len] -> frozen upstream -> softmax-weighted sum (B, T, D)
+      -> [optional convolutional positional embedding, encoder.conv_pos]
       -> prepend the variant's CLS tokens -> one trainable attention block (shared by the branches)
   p      : CLS_p                 -> ParallelBranch                       -> parallel embedding
   c      : CLS_1..K              -> KeywordHead (per-slot BN)            -> cascaded embedding
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import model_config
-from .attention import AttentionBlock
+from .attention import AttentionBlock, ConvPositionalEmbedding
 from .branches import KeywordHead, ParallelBranch
 from .cif import CIF, duration_targets, quantity_loss
 from .clip import FrozenCLIP
@@ -72,7 +73,10 @@ class SpeechCLIP(nn.Module):
         self.n_cls = int(self.has_parallel) + self.n_fixed
         self.cls = nn.Parameter(torch.randn(1, self.n_cls, d_model)) if self.n_cls else None
         enc = cfg["encoder"]
-        self.encoder = AttentionBlock(d_model, enc["type"], enc["n_heads"], enc["n_layers"], enc["ffn_dim"], enc["dropout"])
+        self.pos_conv = (ConvPositionalEmbedding(d_model, enc["conv_pos"], enc["conv_pos_groups"])
+                         if enc["conv_pos"] else None)
+        self.encoder = AttentionBlock(d_model, enc["type"], enc["n_heads"], enc["n_layers"], enc["ffn_dim"], enc["dropout"],
+                                      enc["attention_dropout"])
 
         if self.has_parallel:
             self.parallel = ParallelBranch(d_model, self.clip.embed_dim, cfg["parallel"]["projection"])
@@ -109,6 +113,8 @@ class SpeechCLIP(nn.Module):
         states, feat_lens = self.upstream.hidden_states(wav, wav_len)
         feats = self.upstream.weighted_sum(states)
         pad = torch.arange(feats.shape[1], device=feats.device)[None, :] >= feat_lens[:, None]
+        if self.pos_conv is not None:
+            feats = self.pos_conv(feats, pad)
         if self.n_cls:
             feats = torch.cat([self.cls.expand(len(feats), -1, -1).to(feats.dtype), feats], 1)
             pad = torch.cat([pad.new_zeros(len(pad), self.n_cls), pad], 1)

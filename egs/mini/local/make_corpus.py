@@ -4,7 +4,9 @@
 Every image holds one or two objects; an object is (shape, colour, size, position) drawn from
 7 shapes x 8 colours x 2 sizes, placed left/right/top/bottom/middle over one of 5 background kinds.
 Each image gets ``captions_per_image`` captions from distinct templates, every caption naming all four
-attributes of every object, so a caption identifies its scene. Each caption is spoken by a different
+attributes of every object, so a caption identifies its scene. Each attribute value has exactly one word (no
+synonyms such as big/large or top/above): a keyword then hits the transcription only when it is the word that
+was spoken, and the templates vary the sentence around those words. Each caption is spoken by a different
 voice variant (espeak-ng voice + speed + pitch), resampled 22.05 kHz -> 16 kHz, written as 16-bit PCM.
 
 Everything is a pure function of (seed, image index): image ``i`` uses ``random.Random(f"{seed}:{i}")``,
@@ -53,7 +55,7 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "black": (12, 12, 12),
 }
 SIZES: Tuple[str, ...] = ("small", "big")
-SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
+SIZE_WORDS = {"small": ("small",), "big": ("big",)}  # one word per attribute: a keyword's hit is unambiguous
 SINGLE_POSITIONS: Tuple[str, ...] = ("left", "right", "top", "bottom", "middle")
 PAIR_LAYOUTS: Tuple[Tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
 POSITION_PHRASES = {
@@ -61,7 +63,7 @@ POSITION_PHRASES = {
     "right": ("on the right", "on the right side"),
     "top": ("at the top", "near the top"),
     "bottom": ("at the bottom", "near the bottom"),
-    "middle": ("in the middle", "in the centre"),
+    "middle": ("in the middle", "right in the middle"),
 }
 # Object centre as a fraction of the image side, before jitter.
 CENTRES = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
@@ -238,15 +240,15 @@ def _t_position_first(objs, rng):
     return " and ".join(f"{_where(o, rng)} is a {_noun(o, rng)}" for o in _ordered(objs, rng))
 
 
-RELATIONS = {"left": "to the left of", "right": "to the right of", "top": "above", "bottom": "below"}
+RELATIONS = {"left": "to the left of", "right": "to the right of"}
 
 
 def _t_relation(objs, rng):
-    if len(objs) == 1:
-        return f"a picture of a {_noun(objs[0], rng)} {_where(objs[0], rng)}"
-    a, b = _ordered(objs, rng)
-    rel = RELATIONS[a.position]
-    return f"a picture of a {_noun(a, rng)} {rel} a {_noun(b, rng)}"
+    """Left/right pairs by relation; other scenes name each position (no synonym such as above = top)."""
+    a, b = (_ordered(objs, rng) + [None])[:2]
+    if b is not None and a.position in RELATIONS:
+        return f"a picture of a {_noun(a, rng)} {RELATIONS[a.position]} a {_noun(b, rng)}"
+    return "a picture of " + " and ".join(f"a {_noun(o, rng)} {_where(o, rng)}" for o in _ordered(objs, rng))
 
 
 def _t_keywords(objs, rng):
@@ -437,8 +439,11 @@ def check_data_dir(d: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
+CORPUS_VERSION = 2  # bumped when the generator's output changes (2: one word per attribute, no synonyms)
+
+
 def corpus_params(args: argparse.Namespace, voices: Sequence[Voice]) -> Dict[str, object]:
-    return {"seed": args.seed, "num_images": args.num_images, "captions_per_image": args.captions_per_image,
+    return {"version": CORPUS_VERSION, "seed": args.seed, "num_images": args.num_images, "captions_per_image": args.captions_per_image,
             "image_size": args.image_size, "dev_fraction": args.dev_fraction,
             "test_fraction": args.test_fraction, "voices": [asdict(v) for v in voices]}
 
