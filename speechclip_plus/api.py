@@ -14,7 +14,8 @@ Model file (``export_model`` / ``read_model_file``), format ``speechclip_plus.mo
 ``model.upstream.model_config``, e.g. s3prl feature settings, or None), ``upstream_ckpt`` (the content of the
 s3prl upstream checkpoint named by ``model.upstream.ckpt``, or None), ``clip_model_config`` (the open_clip
 model-config json when ``model.clip.name`` is a file, else None), ``clip_build`` (``quick_gelu`` and the
-image ``preprocess_cfg``: settings CLIP takes from its pretrained tag that hold no weights) and ``meta``.
+image ``preprocess_cfg``: settings CLIP takes from its pretrained tag that hold no weights), ``meta`` and
+``digest`` (``content_digest`` of all the rest, checked on reading: a changed tensor byte is an error).
 Loading never unpickles code (``weights_only=True``); files the model needs at build time (the upstream
 checkpoint, the CLIP json) are written to the cache (``cache_dir()``) under their content hash, so the model
 file alone rebuilds the model anywhere. The frozen upstream tensors are shared with ``state_dict`` in the
@@ -214,6 +215,7 @@ def export_model(model, config: Dict, path: PathLike, meta: Optional[Dict] = Non
         },
         "meta": _plain_config(dict(meta or {})),
     }
+    payload["digest"] = content_digest(payload)
     torch_save_atomic(payload, path)
     return path
 
@@ -238,6 +240,10 @@ def read_model_file(path: PathLike) -> Dict[str, Any]:
         raise ModelFileError(f"{path}: 'vocab_ids' must be a list of ints")
     if "model" not in payload["config"]:
         raise ModelFileError(f"{path}: 'config' has no 'model' section")
+    digest = payload.pop("digest", None)
+    if digest != content_digest(payload):
+        raise ModelFileError(f"{path}: content digest {'missing' if digest is None else 'mismatch'}: the file was "
+                             "modified or damaged after export (re-export it)")
     return payload
 
 

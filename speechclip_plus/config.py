@@ -279,9 +279,7 @@ def dump_config(cfg: Dict) -> str:
 
 
 def save_config(cfg: Dict, path: str) -> None:
-    """Write the resolved config atomically (temp name, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dump_config(cfg))
-    os.replace(tmp, path)
+    """Write the resolved config atomically (temp name, then rename; no temp file is left on failure)."""
+    from .io import atomic_write_text
+
+    atomic_write_text(path, dump_config(cfg))

@@ -154,7 +154,7 @@ class _Evil:
 
 def test_malicious_truncated_and_foreign_files_are_refused(exported, tmp_path):
     from speechclip_plus import SpeechCLIPPlus
-    from speechclip_plus.api import FORMAT, ModelFileError
+    from speechclip_plus.api import FORMAT, ModelFileError, content_digest
 
     marker = tmp_path / "pwned"
     torch_file, pickle_file = tmp_path / "evil.pt", tmp_path / "evil.pkl"
@@ -179,13 +179,23 @@ def test_malicious_truncated_and_foreign_files_are_refused(exported, tmp_path):
         SpeechCLIPPlus.from_pretrained(tmp_path / "nothing.pt")
     payload = torch.load(exported["models"]["cplus"]["file"], weights_only=True)
     key = next(k for k in payload["state_dict"] if k.startswith("encoder."))
-    payload["state_dict"][key] = torch.zeros(3)
     bent = tmp_path / "bent.pt"
+    payload["state_dict"][key] = payload["state_dict"][key].clone()
+    payload["state_dict"][key].view(-1)[0] += 1.0  # one changed value, digest left as exported
     torch.save(payload, bent)
+    with pytest.raises(ModelFileError, match=f"{bent}: content digest mismatch"):
+        SpeechCLIPPlus.from_pretrained(bent)
+    del payload["digest"]
+    torch.save(payload, bent)
+    with pytest.raises(ModelFileError, match=f"{bent}: content digest missing"):
+        SpeechCLIPPlus.from_pretrained(bent)
+    # files crafted with a matching digest still meet the structural checks
+    payload["state_dict"][key] = torch.zeros(3)
+    torch.save({**payload, "digest": content_digest(payload)}, bent)
     with pytest.raises(ModelFileError, match=f"{bent}: weights do not fit .*{key}"):
         SpeechCLIPPlus.from_pretrained(bent)
     del payload["state_dict"][key]
-    torch.save(payload, bent)
+    torch.save({**payload, "digest": content_digest(payload)}, bent)
     with pytest.raises(ModelFileError, match=f"{bent}: weights do not match .*missing.*{key}"):
         SpeechCLIPPlus.from_pretrained(bent)
     exp = tmp_path / "exp"  # an exp dir whose training has not validated yet
