@@ -108,9 +108,11 @@ done_or_run() {  # done_or_run <marker> <command...>: run unless the marker exis
         log "  already done (${marker}); skipping"
         return 0
     fi
+    local t0=${SECONDS}
     "$@"
     mkdir -p "$(dirname "${marker}")"
     touch "${marker}"
+    log "  done in $(( SECONDS - t0 )) s (${marker})"
 }
 
 all_sets="${train_set} ${valid_set} ${test_sets}"
