@@ -198,18 +198,23 @@ def main(argv=None) -> int:
     else:
         lines.append("- (a) c+ vs c keywords: not run (needs `--variants` with c and cplus).")
     if "p" in args.variants and "hplus" in args.variants:
-        pp = [get(r, "parallel", R5[0]) for r in results["p"].values()]
-        hp = [get(r, "parallel", R5[0]) for r in results["hplus"].values()]
-        holds = None not in pp + hp and statistics.mean(hp) > statistics.mean(pp)
-        lines.append(f"- (b) parallel branch S→I R@5, h+ vs p: {mean_std(hp)} vs {mean_std(pp)} → "
-                     f"**{'holds' if holds else 'does not hold'}** here.")
+        verdicts = []
+        for key, label in (("speech_to_image_r1", "R@1"), (R5[0], "R@5")):
+            pp = [get(r, "parallel", key) for r in results["p"].values()]
+            hp = [get(r, "parallel", key) for r in results["hplus"].values()]
+            holds = None not in pp + hp and statistics.mean(hp) > statistics.mean(pp)
+            verdicts.append(f"S→I {label} {mean_std(hp)} vs {mean_std(pp)} → **{'holds' if holds else 'does not hold'}**")
+        lines.append("- (b) parallel branch, h+ vs p: " + "; ".join(verdicts) + " here.")
     else:
         lines.append("- (b) h+ vs p parallel retrieval: not run (needs `--variants` with p and hplus).")
 
     # Plots next to the report.
     plot_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "results_plots")
     first = args.variants[-1]
-    pngs = sorted(glob.glob(f"exp/mini_{first}_seed{args.seeds[0]}/test/plots/*.png"))[:3]
+    plots = f"exp/mini_{first}_seed{args.seeds[0]}/test/plots"
+    pngs = sorted(glob.glob(f"{plots}/cif_*.png"))[:2] + sorted(glob.glob(f"{plots}/retrieval_*.png"))
+    for old in glob.glob(os.path.join(plot_dir, "*.png")):  # plots of an earlier summary
+        os.remove(old)
     if pngs:
         os.makedirs(plot_dir, exist_ok=True)
         lines += ["", "## Plots", ""]
