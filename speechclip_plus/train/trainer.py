@@ -44,7 +44,6 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, save_config
 from ..data import LengthBucketSampler, SpeechImageDataset, collate
-from .precision import amp_dtype, autocast
 from ..eval.retrieval import recall_at_k
 from ..models.speechclip import build_model
 from . import distributed as D
@@ -60,6 +59,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from .precision import amp_dtype, autocast
 from .logging import ScalarWriter, env_info, setup_logger
 from .scheduler import build_scheduler
 
