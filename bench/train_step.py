@@ -3,7 +3,8 @@
 Run: ``python bench/train_step.py`` (``--quick``: batch 8, fewer repeats, does not touch RESULTS.md).
 
 Model: ``speechclip_plus/conf/base_hplus.yaml`` (d_model 768, 8-head MHA block, CIF, duration targets, full CLIP
-vocabulary, the trainer's default precision: bf16 autocast on a CPU with native bf16, else float32) with two stand-ins, both random (no download):
+vocabulary, the trainer's default precision: bf16 autocast on a CPU with native bf16, else float32) with two
+stand-ins, both random (no download):
 - CLIP: ``bench/clip_vit_b32_random.json``, open_clip's ViT-B-32 shape (text tower width 512, 12 layers, 8 heads;
   embed 512; image tower ViT-B/32 at 224 px), random init.
 - upstream: a random HuBERT written by ``speechclip_plus.models.tiny.save_tiny_hubert`` with HuBERT Base's width
@@ -214,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--conv-dim", type=int, default=128, help="HuBERT stand-in conv channels (Base: 512)")
     ap.add_argument("--rounds", type=int, default=4, help="at most this many timed rounds (cache + tower)")
     ap.add_argument("--budget", type=float, default=80.0, help="seconds of timed rounds (at least 2 rounds)")
-    ap.add_argument("--fp32", action="store_true", help="train.amp false (default: the config's amp, bf16 only on a CPU with native bf16)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="train.amp false (default: the config's amp, bf16 only on a CPU with native bf16)")
     ap.add_argument("--quick", action="store_true", help="batch 8, 1 timed round; implies --no-write")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
@@ -265,9 +267,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         n_train = sum(p.numel() for p in model.trainable_parameters())
         n_all = sum(p.numel() for p in model.parameters())
         seconds = batch["wav_len"].float() / 16000
-        from speechclip_plus.train.precision import amp_dtype
-        dtype = amp_dtype(trainer.device, bool(trainer.tc["amp"]))
-        amp = f"{dtype} autocast".replace("torch.", "") if dtype else "float32"
+        from speechclip_plus.train.precision import precision_name
+        amp = precision_name(trainer.device, bool(trainer.tc["amp"]))
         upstream_desc = (f"random HuBERT, 768-d, {args.upstream_layers} layers, {args.conv_dim} conv channels "
                          f"({model.upstream.num_layers} states)")
         trainer.close()

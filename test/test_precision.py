@@ -1,7 +1,7 @@
 """Mixed precision is chosen by what the hardware runs natively."""
 import torch
 
-from speechclip_plus.train.precision import amp_dtype, autocast, cpu_flags
+from speechclip_plus.train.precision import amp_dtype, autocast, cpu_flags, precision_name
 
 
 def write(tmp_path, name, text):
@@ -25,6 +25,9 @@ def test_cpu_bf16_only_with_native_support(tmp_path):
 
 
 def test_autocast_follows_the_choice():
+    assert precision_name(torch.device("cpu"), False) == "float32"
+    assert precision_name(torch.device("cpu"), True) == (
+        "bfloat16 autocast" if amp_dtype(torch.device("cpu"), True) else "float32")
     x = torch.randn(4, 4)
     with autocast(torch.device("cpu"), False):
         assert (x @ x).dtype is torch.float32

@@ -45,6 +45,12 @@ def amp_dtype(device: torch.device, amp: bool, cpuinfo: str = "/proc/cpuinfo") -
     return None
 
 
+def precision_name(device: torch.device, amp: bool) -> str:
+    """What ``autocast`` runs in, for logs: ``"bfloat16 autocast"``, ``"float16 autocast"`` or ``"float32"``."""
+    dtype = amp_dtype(device, amp)
+    return f"{str(dtype).replace('torch.', '')} autocast" if dtype else "float32"
+
+
 def autocast(device: torch.device, amp: bool) -> ContextManager:
     dtype = amp_dtype(device, amp)
     if dtype is None:

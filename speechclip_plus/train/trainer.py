@@ -59,7 +59,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .precision import amp_dtype, autocast
+from .precision import autocast, precision_name
 from .logging import ScalarWriter, env_info, setup_logger
 from .scheduler import build_scheduler
 
@@ -186,9 +186,9 @@ class Trainer:
                       f"{tc['batch_size'] * tc['accum_grad']}"
                       + (f" (capped at {tc['max_batch_seconds']} s of audio per batch)"
                          if tc["max_batch_seconds"] else ""))
-        dtype = amp_dtype(self.device, bool(tc["amp"]))
-        self.log.info(f"precision: {'autocast ' + str(dtype).replace('torch.', '') if dtype else 'float32'}"
-                      + (" (train.amp: this CPU has no native bf16)" if tc["amp"] and dtype is None else ""))
+        precision = precision_name(self.device, bool(tc["amp"]))
+        self.log.info(f"precision: {precision}"
+                      + (" (train.amp: this CPU has no native bf16)" if tc["amp"] and precision == "float32" else ""))
         self.log.info(f"seed {tc['seed']} (re-seeded per epoch with seed + 1000 * epoch + rank)")
 
     def _build_data(self) -> None:

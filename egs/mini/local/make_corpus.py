@@ -443,9 +443,9 @@ CORPUS_VERSION = 2  # bumped when the generator's output changes (2: one word pe
 
 
 def corpus_params(args: argparse.Namespace, voices: Sequence[Voice]) -> Dict[str, object]:
-    return {"version": CORPUS_VERSION, "seed": args.seed, "num_images": args.num_images, "captions_per_image": args.captions_per_image,
-            "image_size": args.image_size, "dev_fraction": args.dev_fraction,
-            "test_fraction": args.test_fraction, "voices": [asdict(v) for v in voices]}
+    return {"version": CORPUS_VERSION, "seed": args.seed, "num_images": args.num_images,
+            "captions_per_image": args.captions_per_image, "image_size": args.image_size,
+            "dev_fraction": args.dev_fraction, "test_fraction": args.test_fraction, "voices": [asdict(v) for v in voices]}
 
 
 def build_corpus(args: argparse.Namespace) -> Path:

@@ -25,6 +25,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
+from speechclip_plus.io import atomic_write_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPE = os.path.dirname(HERE)
 NAMES = {"p": "p", "c": "c", "cplus": "c+", "h": "h", "hplus": "h+"}
@@ -173,15 +175,15 @@ def main(argv=None) -> int:
                 if base is None:
                     continue
                 name = f"{NAMES[v]} {b} {k} ≥ 5 × untrained"
+                value = mean([get(r, b, k) for r in runs])
                 if k == "subword_hit_rate" and 5 * base > 1:
                     # A share cannot exceed 100 %: with an untrained (chance) hit rate above 20 % the bar has no
                     # attainable value. Reported, not counted.
-                    value = mean([get(r, b, k) for r in runs])
                     lines.append(f"| {name} | {'n/a' if value is None else f'{100 * value:.1f}'} | "
                                  f"{100 * 5 * base:.1f} > 100 | not attainable (untrained = chance "
                                  f"{100 * base:.1f}); not counted |")
                     continue
-                bar(name, mean([get(r, b, k) for r in runs]), 5 * base)
+                bar(name, value, 5 * base)
 
     # The paper's claims.
     lines += ["", "## The papers' claims, tested here", ""]
@@ -203,7 +205,8 @@ def main(argv=None) -> int:
             pp = [get(r, "parallel", key) for r in results["p"].values()]
             hp = [get(r, "parallel", key) for r in results["hplus"].values()]
             holds = None not in pp + hp and statistics.mean(hp) > statistics.mean(pp)
-            verdicts.append(f"S→I {label} {mean_std(hp)} vs {mean_std(pp)} → **{'holds' if holds else 'does not hold'}**")
+            verdict = "holds" if holds else "does not hold"
+            verdicts.append(f"S→I {label} {mean_std(hp)} vs {mean_std(pp)} → **{verdict}**")
         lines.append("- (b) parallel branch, h+ vs p: " + "; ".join(verdicts) + " here.")
     else:
         lines.append("- (b) h+ vs p parallel retrieval: not run (needs `--variants` with p and hplus).")
@@ -224,10 +227,7 @@ def main(argv=None) -> int:
             lines.append(f"![{os.path.basename(png)}]({os.path.relpath(dst, os.path.dirname(os.path.abspath(args.out)))})")
 
     text = "\n".join(lines) + "\n"
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, text)
     print(text)
     if args.check_bars and not all(bars):
         print(f"{sum(not b for b in bars)} quality bar(s) missed (see {args.out})", file=sys.stderr)
