@@ -102,6 +102,10 @@ def test_weights_match_interval_overlap_and_feats():
     overlap = overlap * (~out.pad_mask)[:, :, None]
     assert _max_diff(out.weights, overlap) <= 1e-6
     assert _max_diff(out.feats, out.weights @ hidden) <= 1e-5
+    # a non-contiguous hidden (e.g. a transposed encoder output) gives the same keywords
+    strided = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    assert torch.equal(cif(strided, alpha, pad_mask, torch.tensor([9, 4, 2]), scale=False).feats, out.feats)
 
 
 def test_exact_boundary():
@@ -328,7 +332,7 @@ class _DeviceValueProbe(TorchDispatchMode):
     """
 
     READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-             aten.equal.default, aten.is_nonzero.default, aten.repeat_interleave.Tensor}
+             aten.equal.default, aten.is_nonzero.default}
 
     def __init__(self):
         super().__init__()
@@ -339,7 +343,8 @@ class _DeviceValueProbe(TorchDispatchMode):
         leaves = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         bool_index = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
             x is not None and x.dtype in (torch.bool, torch.uint8) for x in args[1])
-        if func in self.READS or bool_index:
+        sized_by_data = func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+        if func in self.READS or bool_index or sized_by_data:
             self.reads.append(str(func))
         out = func(*args, **kwargs)
         self.devices |= {x.device for x in leaves + [y for y in tree_leaves(out) if isinstance(y, torch.Tensor)]}

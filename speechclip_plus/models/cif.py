@@ -5,20 +5,24 @@ multiple of the threshold ``beta`` a keyword "fires".  Keyword ``k`` is the weig
 weight falls into the interval ``[k beta, (k + 1) beta)`` of the cumulative sum (a frame straddling a boundary
 is split between its two keywords; a frame whose weight spans several intervals fires several times).
 
-The implementation never runs a Python loop over time or batch: all bookkeeping happens on (B, S) tensors and
-a small (B, K, S) integration matrix ``W``, and the keywords are one batched matmul ``feats = W @ hidden``.
-Everything is computed on the input's device with a single host synchronisation (the output size K).
+The implementation never runs a Python loop over time or batch.  The keywords are ``feats = W @ hidden`` for an
+integration matrix ``W`` (B, K, S) that has at most two nonzeros per frame (plus one per extra fire of a frame
+heavier than the threshold); all bookkeeping happens on (B, S) tensors, and the contraction is a weighted
+segment sum over those nonzeros (``embedding_bag``) that reads ``hidden`` once, whatever K is.  Everything is
+computed on the input's device with a single host synchronisation (the output size K).
 The semantics follow the SpeechCLIP+ reference (``CIF`` in ``avssl/module/cif.py`` of
 ShampooWang/SpeechCLIP_plus: length rule, 75-keyword cap, inference tail rule, scaling to the target count)
 except for its defects, which are listed in :func:`cif`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["CIF", "CIFOutput", "cif", "duration_targets", "quantity_loss"]
 
@@ -34,26 +38,58 @@ class CIFOutput:
     quantity: torch.Tensor  # (B,) float32, sum of the *unscaled* alpha over valid frames (for the quantity loss)
     fire_mask: torch.Tensor  # (B, S) bool, True where source frame s crosses a threshold multiple (for plots)
     num_fires: torch.Tensor  # (B, S) long, threshold multiples frame s crosses (none past max_length)
-    weights: torch.Tensor  # (B, K, S) float32 integration matrix actually used: feats = weights @ hidden
     tail_weight: torch.Tensor  # (B,) float32, detached: weight past the integer length (before extension),
     #                            dropped unless ``extended``; for a sample capped at max_length all the excess
     extended: torch.Tensor  # (B,) bool, True where the tail became an extra keyword (inference only)
+    entries: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(repr=False)  # (frame, row, value)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """(B, K, S) integration matrix actually used, ``feats = weights @ hidden``; built on request.
+
+        ``entries`` holds its nonzeros as flat indices: ``frame = b * S + s``, ``row = b * K + k``.
+        """
+        B, K, _ = self.feats.shape
+        S = self.fire_mask.size(1)
+        frame, row, value = (torch.cat(x) for x in zip(*self.entries))
+        dense = torch.zeros(B * K * S, dtype=value.dtype, device=value.device)
+        dense.index_add_(0, row * S + frame % S, value.detach())
+        return dense.view(B, K, S).float()
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
+class _Integrate(torch.autograd.Function):
+    """``feats[b, k] = sum_e value_e * hidden[b, s_e]`` over the entries e of row (b, k) of ``W``.
 
-    An expanded gradient (e.g. from ``feats.sum()``) makes the two CPU bmm's of the matmul backward much
-    slower; one small copy of the (B, K, C) gradient avoids that.
+    The entries are given as flat indices ``frame_e = b * S + s_e`` and ``row_e = b * K + k``, both
+    nondecreasing in e.  Forward and ``grad_hidden`` are weighted segment sums (``embedding_bag``): each reads
+    its table once whatever K is, against 2 K multiply-adds per input element for a dense ``W @ hidden``.
+    ``grad_value_e = grad_feats[row_e] . hidden[frame_e]`` comes from one ``grad_feats @ hidden^T`` (B, K, S).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return x.view_as(x)
+    def forward(ctx, hidden: torch.Tensor, value: torch.Tensor, frame: torch.Tensor, row: torch.Tensor,
+                K: int) -> torch.Tensor:  # noqa: D102
+        B, S, C = hidden.shape
+        by_row = torch.searchsorted(row, torch.arange(B * K, device=row.device))
+        feats = F.embedding_bag(frame, hidden.reshape(B * S, C), by_row, mode="sum", per_sample_weights=value)
+        ctx.save_for_backward(hidden, value, frame, row)
+        ctx.K = K
+        return feats.view(B, K, C)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return grad.contiguous()
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        hidden, value, frame, row = ctx.saved_tensors
+        B, S, C = hidden.shape
+        grad = grad.contiguous()
+        grad_hidden = grad_value = None
+        if ctx.needs_input_grad[0]:
+            by_frame = torch.searchsorted(frame, torch.arange(B * S, device=frame.device))
+            grad_hidden = F.embedding_bag(row, grad.view(B * ctx.K, C), by_frame, mode="sum",
+                                          per_sample_weights=value.detach()).view(B, S, C)
+        if ctx.needs_input_grad[1]:
+            grad_value = torch.bmm(grad, hidden.transpose(1, 2)).view(-1)[row * S + frame % S]
+        return grad_hidden, grad_value, None, None, None
 
 
 def _check_inputs(
@@ -125,12 +161,13 @@ def cif(
        ``tau >= tail_threshold`` and ``L < max_length``, row L is multiplied by ``beta / tau`` (factor detached)
        and ``L += 1``; then keep rows ``< L_b``.  Rows past a sample's length are zeroed in both branches.
        Both are per-entry factors on the (B, S) values before they are scattered into ``W``.
-    6. ``feats = W @ hidden`` (one bmm); ``pad_mask = arange(K) >= L``.
+    6. ``feats = W @ hidden``, computed from the nonzeros of ``W`` only; ``pad_mask = arange(K) >= L``.
 
-    Cost and synchronisation: all bookkeeping is on (B, S) tensors; ``W`` (B, K, S) is written once; ``hidden``
-    is read once by the bmm (and once more, plus one write of its gradient, in backward).  Every tensor is
-    created on ``hidden``'s device and the host reads device values exactly once, a small vector holding
-    K (the output size), whether any frame fires more than once, and the two value checks below.
+    Cost and synchronisation: all bookkeeping is on (B, S) tensors and ``W`` is never built (``weights`` builds
+    it on request).  The forward reads ``hidden`` once; the backward reads it once more (``grad_W = grad @
+    hidden^T``) and writes ``grad_hidden`` once: the memory traffic any CIF needs.  Every tensor is created on
+    ``hidden``'s device and the host reads device values exactly once, a small vector holding K (the output
+    size), the number of extra fires, and the two value checks below.
 
     Bad input: wrong shapes, dtypes or devices raise ``ValueError`` before any work.  A negative ``alpha`` on a
     valid frame or a negative ``target_lengths`` raises ``ValueError`` too (read in the one synchronisation,
@@ -200,10 +237,10 @@ def cif(
         else:
             extended = (tail >= tail_threshold) & (lengths < max_length)
         out_lengths = lengths + extended.long()
-        checks = [out_lengths.max(), (e > 0).any(), negative_alpha]
+        checks = [out_lengths.max(), e.sum(), negative_alpha]
         if training:
             checks.append((target_lengths < 0).any())
-        K, any_extras, bad_alpha, *bad_target = torch.stack([x.long() for x in checks]).tolist()
+        K, n_extras, bad_alpha, *bad_target = torch.stack([x.long() for x in checks]).tolist()
     if any(bad_target):
         raise ValueError("speechclip_plus/models/cif.py: cif(): target_lengths must be >= 0")
     if bad_alpha:
@@ -211,27 +248,35 @@ def cif(
 
     # Detached row factor: 0 past a sample's length, beta / tau on an extended sample's row L, else 1.
     with torch.no_grad():
-        tail_scale = torch.where(extended, beta / torch.where(extended, tail, 1.0), 1.0).unsqueeze(1)
+        tail_scale = torch.where(extended, beta / torch.where(extended, tail, 1.0), 1.0)
 
-        def row_factor(rows: torch.Tensor) -> torch.Tensor:
-            kept = (rows < out_lengths.unsqueeze(1)).to(torch.float64)
-            return torch.where(rows == lengths.unsqueeze(1), tail_scale, 1.0) * kept
+        def row_factor(rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+            kept = rows < out_lengths[sample]
+            return torch.where(rows == lengths[sample], tail_scale[sample], 1.0) * kept
 
-        factor_r, factor_l = row_factor(r), row_factor(l)
-        if any_extras:  # frames heavier than beta: a constant beta on every row they cover entirely
-            k = torch.arange(K, device=device).view(1, K, 1)
-            inside = (k > l.unsqueeze(1)) & (k < r.unsqueeze(1))
-            extras = (beta * inside * row_factor(k.view(1, K)).unsqueeze(2)).to(wdtype)
+    # The nonzeros of W, in frame order (which is also row order): each frame's left part at row l and right
+    # part at row r; rows past K - 1 are clipped to it, their factor is 0.
+    sample = torch.arange(B, device=device)
+    frame = torch.arange(B * S, device=device).repeat_interleave(2)
+    with torch.no_grad():
+        rows = torch.stack([l, r], 2)
+        factor = row_factor(rows, sample.view(B, 1, 1))
+        row = (rows.clamp(max=K - 1) + sample.view(B, 1, 1) * K).flatten()
+    value = (torch.stack([lam, rho], 2) * factor).to(wdtype).flatten()
+    entries = [(frame, row, value)]
+    if n_extras:  # frames heavier than beta: a constant beta on every row they cover entirely
+        with torch.no_grad():
+            per_frame = e.flatten()
+            x_frame = torch.repeat_interleave(torch.arange(B * S, device=device), per_frame, output_size=n_extras)
+            first = (per_frame.cumsum(0) - per_frame)[x_frame]
+            x_rows = l.flatten()[x_frame] + 1 + torch.arange(n_extras, device=device) - first
+            x_sample = torch.div(x_frame, S, rounding_mode="floor")
+            x_value = (beta * row_factor(x_rows, x_sample)).to(wdtype)
+            entries.append((x_frame, x_rows.clamp(max=K - 1) + x_sample * K, x_value))
 
-    # The integration matrix, written once (entries past row K - 1 have a zero factor).
-    W = torch.zeros(B, K, S, dtype=wdtype, device=device)
-    W.scatter_add_(1, r.clamp(max=K - 1).unsqueeze(1), (rho * factor_r).to(wdtype).unsqueeze(1))
-    W.scatter_add_(1, l.clamp(max=K - 1).unsqueeze(1), (lam * factor_l).to(wdtype).unsqueeze(1))
-    if any_extras:
-        W.add_(extras)
-
-    # Contract once.
-    feats = _ContiguousGrad.apply(torch.bmm(W.to(hidden.dtype), hidden))
+    # Contract: one weighted segment sum over the frames per batch of entries.
+    parts = [_Integrate.apply(hidden, v.to(hidden.dtype), f, rw, K) for f, rw, v in entries]
+    feats = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     pad_out = torch.arange(K, device=device).unsqueeze(0) >= out_lengths.unsqueeze(1)
     return CIFOutput(
         feats=feats,
@@ -241,9 +286,9 @@ def cif(
         quantity=quantity.float(),
         fire_mask=n > 0,
         num_fires=n,
-        weights=W.float(),
         tail_weight=tail.float(),
         extended=extended,
+        entries=entries,
     )
 
 
