@@ -186,7 +186,7 @@ def cif(
     - The (B, S) bookkeeping (quantity, scaling, sums, cumsum, rho, lam) is done in float64, so the scaled sum
       is ``beta * target + eps`` to ~1e-13 and ``floor`` gives exactly ``target`` for every target (the
       reference's float32 cumsum loses the 1e-5 eps for targets >= 64), and ``rho = c - r beta`` keeps full
-      float32 precision however long the sequence.  ``W`` is float32 (float64 if ``hidden`` is).
+      float32 precision however long the sequence.  ``W`` has ``hidden``'s dtype.
     - Backward works after a tail extension (the reference's ``fired_marks`` update breaks autograd);
       ``fire_mask`` is simply ``n_s > 0``.
     - Weight past ``max_length * beta`` cannot become a keyword (the text encoder has 77 positions: SOT +
@@ -198,7 +198,6 @@ def cif(
     B, S, _ = hidden.shape
     beta = float(threshold)
     device = hidden.device
-    wdtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     training = target_lengths is not None
 
     # Alpha preparation (float64 bookkeeping on (B, S) only).
@@ -220,7 +219,7 @@ def cif(
         finite = torch.isfinite(total)
         lengths = torch.floor(torch.where(finite, total, 0.0) / beta).clamp(1, max_length).long()
         r = torch.floor(torch.where(finite.unsqueeze(1), c, 0.0) / beta).clamp(0, max_length).long()
-        l = torch.nn.functional.pad(r[:, :-1], (1, 0))
+        l = F.pad(r[:, :-1], (1, 0))
         n = r - l
         e = (n - 1).clamp_min(0)
 
@@ -247,12 +246,11 @@ def cif(
         raise ValueError("speechclip_plus/models/cif.py: cif(): alpha must be >= 0 on valid frames")
 
     # Detached row factor: 0 past a sample's length, beta / tau on an extended sample's row L, else 1.
-    with torch.no_grad():
-        tail_scale = torch.where(extended, beta / torch.where(extended, tail, 1.0), 1.0)
+    tail_scale = torch.where(extended, beta / torch.where(extended, tail, 1.0), 1.0)
 
-        def row_factor(rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-            kept = rows < out_lengths[sample]
-            return torch.where(rows == lengths[sample], tail_scale[sample], 1.0) * kept
+    def row_factor(rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        kept = rows < out_lengths[sample]
+        return torch.where(rows == lengths[sample], tail_scale[sample], 1.0) * kept
 
     # The nonzeros of W, in frame order (which is also row order): each frame's left part at row l and right
     # part at row r; rows past K - 1 are clipped to it, their factor is 0.
@@ -262,7 +260,7 @@ def cif(
         rows = torch.stack([l, r], 2)
         factor = row_factor(rows, sample.view(B, 1, 1))
         row = (rows.clamp(max=K - 1) + sample.view(B, 1, 1) * K).flatten()
-    value = (torch.stack([lam, rho], 2) * factor).to(wdtype).flatten()
+    value = (torch.stack([lam, rho], 2) * factor).to(hidden.dtype).flatten()
     entries = [(frame, row, value)]
     if n_extras:  # frames heavier than beta: a constant beta on every row they cover entirely
         with torch.no_grad():
@@ -271,11 +269,11 @@ def cif(
             first = (per_frame.cumsum(0) - per_frame)[x_frame]
             x_rows = l.flatten()[x_frame] + 1 + torch.arange(n_extras, device=device) - first
             x_sample = torch.div(x_frame, S, rounding_mode="floor")
-            x_value = (beta * row_factor(x_rows, x_sample)).to(wdtype)
+            x_value = (beta * row_factor(x_rows, x_sample)).to(hidden.dtype)
             entries.append((x_frame, x_rows.clamp(max=K - 1) + x_sample * K, x_value))
 
-    # Contract: one weighted segment sum over the frames per batch of entries.
-    parts = [_Integrate.apply(hidden, v.to(hidden.dtype), f, rw, K) for f, rw, v in entries]
+    # Contract: one weighted segment sum per list of entries (the extras, if any, are a second one).
+    parts = [_Integrate.apply(hidden, v, f, rw, K) for f, rw, v in entries]
     feats = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     pad_out = torch.arange(K, device=device).unsqueeze(0) >= out_lengths.unsqueeze(1)
     return CIFOutput(
