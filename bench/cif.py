@@ -2,7 +2,7 @@
 
 Run: ``python bench/cif.py`` (float32, S=250, C=768, B=64 and 256).  Runs on CUDA when it is available (timed
 with CUDA events around each call, the device synchronised before and after), else on the CPU with 2 threads
-(wall clock); ``--device`` picks one.  Prints a table, checks that ours agrees with torch-cif where the
+(wall clock); ``--device`` and ``--threads`` override.  Prints a table, checks that ours agrees with torch-cif where the
 semantics coincide, and writes the table into ``bench/RESULTS.md`` under "## CIF" (other sections are kept).
 
 Workload: frame counts 150..250 per batch (right padding), weights ``sigmoid(1.5 z - 3.2)``, training targets
@@ -10,7 +10,9 @@ Workload: frame counts 150..250 per batch (right padding), weights ``sigmoid(1.5
 (their sum, 12-25; the table lists the counts).  Loss = ``feats.sum()``.
 
 Times are the best of interleaved repeats (see ``timeit``): for each batch size and pass, the floor, ours and
-torch-cif in both modes run in the same rounds, so their ratios share the machine's load.
+torch-cif in both modes run in the same rounds, so their ratios share the machine's load.  ``--baseline FILE``
+adds another version of ``speechclip_plus/models/cif.py`` to the same rounds (a before/after record), e.g.
+``git show REV:speechclip_plus/models/cif.py > /tmp/cif_before.py``.
 
 Floors, the memory traffic no CIF can avoid: forward = one read of the (B, S, C) frames (``hidden.sum()``);
 forward+backward = two reads of the frames and one write of a fresh (B, S, C) tensor (``hidden.sum()`` and
@@ -20,6 +22,7 @@ forward+backward = two reads of the frames and one write of a fresh (B, S, C) te
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -109,7 +112,20 @@ def timeit(fns: Dict[str, Callable[[], object]], device: torch.device, budget: f
     return {name: min(ts) for name, ts in times.items()}
 
 
-def runner(impl: str, hidden, alpha, pad_mask, targets, backward: bool) -> Callable[[], None]:
+def load_baseline(path: str) -> Callable:
+    """The ``cif`` function of another version of ``speechclip_plus/models/cif.py`` (a standalone file)."""
+    spec = importlib.util.spec_from_file_location("cif_baseline", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "cif"):
+        raise SystemExit(f"--baseline {path}: defines no cif()")
+    return module.cif
+
+
+def runner(impl: str, hidden, alpha, pad_mask, targets, backward: bool,
+           baseline: Optional[Callable] = None) -> Callable[[], None]:
     """A closure running one forward (and backward) of an implementation."""
     tc = _torch_cif()
     h = hidden.clone().requires_grad_(backward)
@@ -118,6 +134,8 @@ def runner(impl: str, hidden, alpha, pad_mask, targets, backward: bool) -> Calla
     def feats() -> torch.Tensor:
         if impl == "ours":
             return cif(h, a, pad_mask, targets).feats
+        if impl == "baseline":
+            return baseline(h, a, pad_mask, targets).feats
         if impl == "torch-cif":
             return tc(h, a, padding_mask=pad_mask, target_lengths=targets, eps=1e-5)["cif_out"][0]
         if impl == "loop":
@@ -183,6 +201,7 @@ def keyword_counts(hidden, alpha, pad_mask, targets) -> str:
 
 
 def machine(device: torch.device) -> str:
+    """The device the times come from, for the table header."""
     if device.type == "cuda":
         return f"CUDA {torch.cuda.get_device_name(device)}"
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -195,14 +214,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="cuda (the default when available) or cpu")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="Markdown file to update")
+    parser.add_argument("--baseline", help="another version of speechclip_plus/models/cif.py, timed alongside")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the project machine has 2)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    torch.set_num_threads(2)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    torch.set_num_threads(args.threads)
     tc = _torch_cif()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t_start = time.perf_counter()
 
-    rows = []  # (mode, B, pass, keywords, ours, torch-cif or None, floor)
+    rows = []  # (mode, B, pass, keywords, ours, torch-cif or None, floor, baseline or None)
     checks = []
     for B in (64, 256):
         hidden, alpha, pad_mask, targets = make_inputs(B, device)
@@ -216,10 +238,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                 fns[f"ours {mode}"] = runner("ours", hidden, alpha, pad_mask, tgt[mode], backward)
                 if tc is not None:
                     fns[f"torch-cif {mode}"] = runner("torch-cif", hidden, alpha, pad_mask, tgt[mode], backward)
+                if baseline is not None:
+                    fns[f"baseline {mode}"] = runner("baseline", hidden, alpha, pad_mask, tgt[mode], backward,
+                                                     baseline)
             ms = timeit(fns, device, args.budget * len(fns))
             p = "fwd+bwd" if backward else "fwd"
             for mode in MODES:
-                rows.append((mode, B, p, counts[mode], ms[f"ours {mode}"], ms.get(f"torch-cif {mode}"), ms["floor"]))
+                rows.append((mode, B, p, counts[mode], ms[f"ours {mode}"], ms.get(f"torch-cif {mode}"), ms["floor"],
+                             ms.get(f"baseline {mode}")))
             print(f"  measured B={B} {p}", file=sys.stderr, flush=True)
 
     loop_rows = []
@@ -249,16 +275,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         "two reads of the frames and one write of a (B, S, C) tensor.",
         "",
         "| mode | B | pass | keywords mean / max | ours ms | torch-cif ms | floor ms | torch-cif / ours "
-        "| ours / floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ours / floor |" + (" baseline ms | baseline / ours |" if baseline else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if baseline else ""),
     ]
-    for mode, B, p, kw, ours, theirs, fl in rows:
+    for mode, B, p, kw, ours, theirs, fl, base in rows:
         tc_ms = f"{theirs:.1f}" if theirs is not None else "skipped"
         ratio = f"{theirs / ours:.1f}x" if theirs is not None else "skipped"
-        lines.append(f"| {mode} | {B} | {p} | {kw} | {ours:.1f} | {tc_ms} | {fl:.1f} | {ratio} | {ours / fl:.2f} |")
-    by_key = {(mode, B, p): (ours, theirs) for mode, B, p, _, ours, theirs, _ in rows}
+        line = f"| {mode} | {B} | {p} | {kw} | {ours:.1f} | {tc_ms} | {fl:.1f} | {ratio} | {ours / fl:.2f} |"
+        if base is not None:
+            line += f" {base:.1f} | {base / ours:.2f}x |"
+        lines.append(line)
+    by_key = {(mode, B, p): (ours, theirs, base) for mode, B, p, _, ours, theirs, _, base in rows}
     infer_ratio = by_key[("infer", 256, "fwd")][0] / by_key[("train", 256, "fwd")][0]
-    ours_tb, theirs_tb = by_key[("train", 256, "fwd+bwd")]
+    ours_tb, theirs_tb, _ = by_key[("train", 256, "fwd+bwd")]
     speed = "skipped (torch-cif absent)"
     if theirs_tb is not None:
         met = theirs_tb >= TARGET_VS_TORCH_CIF * ours_tb
@@ -272,6 +301,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"({'met' if infer_ratio <= TARGET_INFER_VS_TRAIN else 'NOT met'}); B=64: "
         f"{by_key[('infer', 64, 'fwd')][0] / by_key[('train', 64, 'fwd')][0]:.2f}.",
     ]
+    if baseline is not None:
+        base_ratio = by_key[("infer", 256, "fwd")][2] / by_key[("train", 256, "fwd")][2]
+        lines.append(f"- The baseline (`{os.path.basename(args.baseline)}`), B=256, fwd: inference / training "
+                     f"{base_ratio:.2f}.")
     lines += [
         "",
         f"Python time loop (`bench/cif_loop.py`), timed on the smaller batch B={LOOP_B} only (best of 3):",

@@ -61,34 +61,38 @@ class _Integrate(torch.autograd.Function):
     """``feats[b, k] = sum_e value_e * hidden[b, s_e]`` over the entries e of row (b, k) of ``W``.
 
     The entries are given as flat indices ``frame_e = b * S + s_e`` and ``row_e = b * K + k``, both
-    nondecreasing in e.  Forward and ``grad_hidden`` are weighted segment sums (``embedding_bag``): each reads
-    its table once whatever K is, against 2 K multiply-adds per input element for a dense ``W @ hidden``.
-    ``grad_value_e = grad_feats[row_e] . hidden[frame_e]`` comes from one ``grad_feats @ hidden^T`` (B, K, S).
+    nondecreasing in e.  All three products are fused kernels over the entries that read each table once,
+    whatever K is (a dense ``W @ hidden`` costs 2 K multiply-adds per input element): the forward and
+    ``grad_hidden`` are weighted segment sums (``embedding_bag``), ``grad_value_e = grad[row_e] .
+    hidden[frame_e]`` is the kernel ``embedding_bag`` itself uses for the gradient of its per-sample weights.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, value: torch.Tensor, frame: torch.Tensor, row: torch.Tensor,
                 K: int) -> torch.Tensor:  # noqa: D102
         B, S, C = hidden.shape
+        table = hidden.reshape(B * S, C)
         by_row = torch.searchsorted(row, torch.arange(B * K, device=row.device))
-        feats = F.embedding_bag(frame, hidden.reshape(B * S, C), by_row, mode="sum", per_sample_weights=value)
-        ctx.save_for_backward(hidden, value, frame, row)
-        ctx.K = K
+        feats = F.embedding_bag(frame, table, by_row, mode="sum", per_sample_weights=value)
+        ctx.save_for_backward(table, value, frame, row, by_row)
+        ctx.shape = (B, S, C, K)
         return feats.view(B, K, C)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        hidden, value, frame, row = ctx.saved_tensors
-        B, S, C = hidden.shape
-        grad = grad.contiguous()
+        table, value, frame, row, by_row = ctx.saved_tensors
+        B, S, C, K = ctx.shape
+        grad = grad.reshape(B * K, C).contiguous()
         grad_hidden = grad_value = None
         if ctx.needs_input_grad[0]:
             by_frame = torch.searchsorted(frame, torch.arange(B * S, device=frame.device))
-            grad_hidden = F.embedding_bag(row, grad.view(B * ctx.K, C), by_frame, mode="sum",
-                                          per_sample_weights=value.detach()).view(B, S, C)
-        if ctx.needs_input_grad[1]:
-            grad_value = torch.bmm(grad, hidden.transpose(1, 2)).view(-1)[row * S + frame % S]
+            grad_hidden = F.embedding_bag(row, grad, by_frame, mode="sum", per_sample_weights=value.detach())
+            grad_hidden = grad_hidden.view(B, S, C)
+        if ctx.needs_input_grad[1]:  # mode 0 = sum; padding index -1 = none; an entry's bag is its row
+            grad_value = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, table, frame, by_row, row, 0, -1
+            )
         return grad_hidden, grad_value, None, None, None
 
 
