@@ -217,30 +217,31 @@ def cif(
         a = a * factor.unsqueeze(1)
     c = a.cumsum(1)
 
-    # Lengths and piecewise-constant indices; a non-finite sample is booked as all-zero weights.
+    # Lengths and piecewise-constant indices; a non-finite sample is booked as all-zero weights.  (Masks are
+    # applied by multiplication where the operand is finite: a full-size torch.where is several times slower.)
     with torch.no_grad():
         total = a.sum(1)
         finite = torch.isfinite(total)
         lengths = torch.floor(torch.where(finite, total, 0.0) / beta).clamp(1, max_length).long()
-        r = torch.floor(torch.where(finite.unsqueeze(1), c, 0.0) / beta).clamp(0, max_length).long()
-        l = F.pad(r[:, :-1], (1, 0))
+        r_f = torch.floor(torch.where(finite.unsqueeze(1), c, 0.0) / beta).clamp(0, max_length)
+        l_f = F.pad(r_f[:, :-1], (1, 0))
+        e_f = (r_f - l_f - 1).clamp_min(0)
+        r, l = r_f.long(), l_f.long()
         n = r - l
-        e = (n - 1).clamp_min(0)
 
     # Split weights (differentiable).
-    rho = torch.where(n > 0, c - r.to(c.dtype) * beta, 0.0)
-    lam = a - rho - e.to(a.dtype) * beta
+    rho = (c - r_f * beta) * (n > 0)
+    lam = a - rho - e_f * beta
 
     # Tail rule and output lengths, still on (B, S); then the one host read.
     with torch.no_grad():
-        tail = torch.where(r == lengths.unsqueeze(1), rho, 0.0).sum(1)
-        tail = tail + torch.where(l == lengths.unsqueeze(1), lam, 0.0).sum(1)
+        tail = (rho * (r == lengths.unsqueeze(1))).sum(1) + (lam * (l == lengths.unsqueeze(1))).sum(1)
         if training:
             extended = torch.zeros_like(finite)
         else:
             extended = (tail >= tail_threshold) & (lengths < max_length)
         out_lengths = lengths + extended.long()
-        checks = [out_lengths.max(), e.sum(), negative_alpha]
+        checks = [out_lengths.max(), e_f.sum(), negative_alpha]
         if training:
             checks.append((target_lengths < 0).any())
         K, n_extras, bad_alpha, *bad_target = torch.stack([x.long() for x in checks]).tolist()
@@ -249,31 +250,31 @@ def cif(
     if bad_alpha:
         raise ValueError("speechclip_plus/models/cif.py: cif(): alpha must be >= 0 on valid frames")
 
-    # Detached row factor: 0 past a sample's length, beta / tau on an extended sample's row L, else 1.
-    tail_scale = torch.where(extended, beta / torch.where(extended, tail, 1.0), 1.0)
-
-    def row_factor(rows: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        kept = rows < out_lengths[sample]
-        return torch.where(rows == lengths[sample], tail_scale[sample], 1.0) * kept
+    # Detached factor of each row k <= max_length: 0 past the sample's length, beta / tau on an extended
+    # sample's row L, else 1.
+    with torch.no_grad():
+        k = torch.arange(max_length + 1, device=device)
+        tail_scale = torch.where(extended, beta / torch.where(extended, tail, 1.0), 1.0).unsqueeze(1)
+        row_factor = torch.where(k == lengths.unsqueeze(1), tail_scale, 1.0) * (k < out_lengths.unsqueeze(1))
 
     # The nonzeros of W, in frame order (which is also row order): each frame's left part at row l and right
     # part at row r; rows past K - 1 are clipped to it, their factor is 0.
-    sample = torch.arange(B, device=device)
+    sample = torch.arange(B, device=device).unsqueeze(1)
     frame = torch.arange(B * S, device=device).repeat_interleave(2)
     with torch.no_grad():
-        rows = torch.stack([l, r], 2)
-        factor = row_factor(rows, sample.view(B, 1, 1))
-        row = (rows.clamp(max=K - 1) + sample.view(B, 1, 1) * K).flatten()
-    value = (torch.stack([lam, rho], 2) * factor).to(hidden.dtype).flatten()
+        rows = torch.stack([l, r], 2).view(B, 2 * S)
+        factor = row_factor.gather(1, rows)
+        row = (rows.clamp(max=K - 1) + sample * K).flatten()
+    value = (torch.stack([lam, rho], 2).view(B, 2 * S) * factor).to(hidden.dtype).flatten()
     entries = [(frame, row, value)]
     if n_extras:  # frames heavier than beta: a constant beta on every row they cover entirely
         with torch.no_grad():
-            per_frame = e.flatten()
+            per_frame = e_f.long().flatten()
             x_frame = torch.repeat_interleave(torch.arange(B * S, device=device), per_frame, output_size=n_extras)
             first = (per_frame.cumsum(0) - per_frame)[x_frame]
             x_rows = l.flatten()[x_frame] + 1 + torch.arange(n_extras, device=device) - first
             x_sample = torch.div(x_frame, S, rounding_mode="floor")
-            x_value = (beta * row_factor(x_rows, x_sample)).to(hidden.dtype)
+            x_value = (beta * row_factor[x_sample, x_rows]).to(hidden.dtype)
             entries.append((x_frame, x_rows.clamp(max=K - 1) + x_sample * K, x_value))
 
     # Contract: one weighted segment sum per list of entries (the extras, if any, are a second one).
