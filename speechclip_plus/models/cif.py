@@ -217,8 +217,9 @@ def cif(
         a = a * factor.unsqueeze(1)
     c = a.cumsum(1)
 
-    # Lengths and piecewise-constant indices; a non-finite sample is booked as all-zero weights.  (Masks are
-    # applied by multiplication where the operand is finite: a full-size torch.where is several times slower.)
+    # Lengths and piecewise-constant indices; a non-finite sample is booked as all-zero weights.  Masks below
+    # multiply (a full-size torch.where is several times slower); a non-finite operand only occurs in a sample
+    # that is non-finite anyway.
     with torch.no_grad():
         total = a.sum(1)
         finite = torch.isfinite(total)
