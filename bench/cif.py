@@ -204,7 +204,8 @@ def machine(device: torch.device) -> str:
     """The device the times come from, for the table header."""
     if device.type == "cuda":
         return f"CUDA {torch.cuda.get_device_name(device)}"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU {platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -336,9 +337,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     lines += ["", f"Load average at end {end_load:.2f}; total benchmark time {elapsed:.0f} s."]
     if device.type == "cpu" and max(load, end_load) > 1.0:
         lines.append(
-            "Note: other jobs were loading the 2 cores during this run (load average above 1): the times are "
-            "inflated, and even the ratios of interleaved runs move between runs (each of the many small "
-            "ops waits for both threads). Rerun on a quiet machine for firm figures."
+            "Note: other jobs were loading the cores during this run (load average above 1): the times are "
+            "inflated, and even the ratios of interleaved runs move between runs"
+            + (" (each op waits for all its threads)" if torch.get_num_threads() > 1 else "")
+            + ". Rerun on a quiet machine for firm figures."
         )
     table = "\n".join(lines)
     print(table)
