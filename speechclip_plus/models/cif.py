@@ -164,12 +164,13 @@ def cif(
     5. Training: keep rows ``< L_b``.  Inference: tail ``tau = sum_s rho_s [r_s = L] + lam_s [l_s = L]``; if
        ``tau >= tail_threshold`` and ``L < max_length``, row L is multiplied by ``beta / tau`` (factor detached)
        and ``L += 1``; then keep rows ``< L_b``.  Rows past a sample's length are zeroed in both branches.
-       Both are per-entry factors on the (B, S) values before they are scattered into ``W``.
+       Both are detached factors on the nonzeros of ``W``.
     6. ``feats = W @ hidden``, computed from the nonzeros of ``W`` only; ``pad_mask = arange(K) >= L``.
 
     Cost and synchronisation: all bookkeeping is on (B, S) tensors and ``W`` is never built (``weights`` builds
-    it on request).  The forward reads ``hidden`` once; the backward reads it once more (``grad_W = grad @
-    hidden^T``) and writes ``grad_hidden`` once: the memory traffic any CIF needs.  Every tensor is created on
+    it on request).  The forward reads ``hidden`` once; the backward reads it once more (the gradient of each
+    nonzero ``W[k, s]`` is ``grad[k] . hidden[s]``) and writes ``grad_hidden`` once: the memory traffic any CIF
+    needs.  Every tensor is created on
     ``hidden``'s device and the host reads device values exactly once, a small vector holding K (the output
     size), the number of extra fires, and the two value checks below.
 
