@@ -73,7 +73,8 @@ class _Integrate(torch.autograd.Function):
         B, S, C = hidden.shape
         table = hidden.reshape(B * S, C)
         by_row = torch.searchsorted(row, torch.arange(B * K, device=row.device))
-        feats = F.embedding_bag(frame, table, by_row, mode="sum", per_sample_weights=value)
+        # detached: inside forward autograd is off anyway, and so embedding_bag skips its backward bookkeeping
+        feats = F.embedding_bag(frame, table.detach(), by_row, mode="sum", per_sample_weights=value.detach())
         ctx.save_for_backward(table, value, frame, row, by_row)
         ctx.shape = (B, S, C, K)
         return feats.view(B, K, C)
