@@ -21,8 +21,9 @@ checkpoint, the CLIP json) are written to the cache (``cache_dir()``) under thei
 file alone rebuilds the model anywhere. The frozen upstream tensors are shared with ``state_dict`` in the
 file, so it is stored once.
 
-Inference is in eval mode under ``no_grad``; by default the upstream runs one utterance at a time
-(``Upstream.per_utterance``) so an embedding never depends on what else is in its batch.
+Inference is in eval mode under ``no_grad``; by default (``per_utterance="auto"``) the upstream runs on padded
+batches when it is batch-invariant (filterbanks) and one utterance at a time when it is not (HuBERT, WavLM), so
+an embedding never depends on what else is in its batch.
 """
 from __future__ import annotations
 
@@ -486,20 +487,23 @@ def keyword_spans(alpha: torch.Tensor, n_keywords: int, feat_len: int, threshold
 class SpeechCLIPPlus:
     """Inference wrapper around a ``SpeechCLIP`` model (eval mode, ``no_grad``).
 
-    The wrapped model is moved to ``device``, put in eval mode and its ``upstream.per_utterance`` set.
+    The wrapped model is moved to ``device``, put in eval mode and its ``upstream.per_utterance`` set (True,
+    False or "auto": one utterance at a time only when the upstream is not batch-invariant).
     """
 
     def __init__(self, model, config: Optional[Dict] = None, device: Union[str, torch.device] = "cpu",
-                 per_utterance: bool = True, meta: Optional[Dict] = None):
+                 per_utterance: Union[bool, str] = "auto", meta: Optional[Dict] = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.model.upstream.per_utterance = bool(per_utterance)
+        if per_utterance not in (True, False, "auto"):
+            raise ValueError(f"per_utterance must be True, False or 'auto', got {per_utterance!r}")
+        self.model.upstream.per_utterance = per_utterance
         self.config = config if config is not None else {"model": model.cfg}
         self.meta = dict(meta or {})
 
     @classmethod
     def from_pretrained(cls, path: PathLike, device: Union[str, torch.device] = "cpu", checkpoint: str = "best",
-                        per_utterance: bool = True) -> "SpeechCLIPPlus":
+                        per_utterance: Union[bool, str] = "auto") -> "SpeechCLIPPlus":
         """A model file from ``bin.export``, or an exp dir (its ``checkpoint``: best | last | a path)."""
         model, cfg, meta = load_any(path, checkpoint)
         return cls(model, cfg, device, per_utterance, meta)

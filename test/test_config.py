@@ -52,8 +52,16 @@ def test_wrong_type_names_key(tmp_path):
     path = write(tmp_path / "bad.yaml", {"train": {"batch_size": "big"}})
     with pytest.raises(ConfigError, match=r"'train.batch_size' must be int, got str"):
         load_config(path)
-    with pytest.raises(ConfigError, match="train.amp"):
-        load_config(None, ["--train.amp", "3"])
+    with pytest.raises(ConfigError, match="train.log_grad_norms"):
+        load_config(None, ["--train.log_grad_norms", "3"])
+    with pytest.raises(ConfigError, match=r"'train.valid_every' must be str or int, got bool"):
+        load_config(None, ["--train.valid_every", "true"])
+    assert load_config(None, ["--train.valid_every", "7"])["train"]["valid_every"] == 7
+    assert load_config(None)["train"]["valid_every"] == "epoch"
+    with pytest.raises(ConfigError, match="train.valid_every: 'often'"):
+        load_config(None, ["--train.valid_every", "often"])
+    with pytest.raises(ConfigError, match="train.precision: 'fp8'"):
+        load_config(None, ["--train.precision", "fp8"])
 
 
 def test_bad_values_and_missing_file(tmp_path):

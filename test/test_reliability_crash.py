@@ -228,7 +228,7 @@ def test_training_sigkilled_after_a_checkpoint_resumes_to_the_same_weights(corpu
             "--valid_data", corpus["valid_data"], "--image_embeds", corpus["image_embeds"],
             "--valid_image_embeds", corpus["valid_image_embeds"], "--exp_dir", exp, "--device", "cpu",
             "--no_progress", "--train.max_steps", max_steps, "--train.valid_every", 4, "--train.batch_size", 4,
-            "--train.amp", "false", "--train.num_workers", 0, *extra)]
+            "--train.precision", "fp32", "--train.num_workers", 0, *extra)]
 
     part = start("speechclip_plus.bin.train", cmd(tmp_path / "part"), tmp_path)
     ckpt = tmp_path / "part" / "checkpoints"
@@ -251,7 +251,7 @@ def _train_args(corpus, exp, *extra):
     return ["--config", str(CONF / "tiny_p.yaml"), "--train_data", corpus["train_data"],
             "--valid_data", corpus["valid_data"], "--image_embeds", corpus["image_embeds"],
             "--valid_image_embeds", corpus["valid_image_embeds"], "--exp_dir", str(exp), "--device", "cpu",
-            "--no_progress", "--train.batch_size", "4", "--train.amp", "false", "--train.num_workers", "0",
+            "--no_progress", "--train.batch_size", "4", "--train.precision", "fp32", "--train.num_workers", "0",
             "--train.valid_every", "2", *extra]
 
 

@@ -87,7 +87,7 @@ def train_exp(root: Path, variant: str, *overrides: str, steps: int = 2):
     overrides = ("--model.clip.vocab", write_vocab(root / "vocab.txt")) + overrides
     train, emb = make_data_dir(root, "train", n_images=3, caps_per_image=2, seed=1)
     data = {"train": {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(train),
-                      "amp": False, "num_workers": 0, "batch_size": 3, "max_steps": steps, "valid_every": steps,
+                      "precision": "fp32", "num_workers": 0, "batch_size": 3, "max_steps": steps, "valid_every": steps,
                       "warmup_steps": 1, "log_every": 1, "lr": 1e-3}}
     cfg = load_config(str(CONF / f"tiny_{variant}.yaml"), list(overrides), data=data)
     exp = root / "exp" / f"tiny_{variant}"

@@ -153,7 +153,7 @@ def test_bad_entry_arguments_are_clear_errors(expert, model_file, tmp_path):
     bad.write_text("per_utterance: true\nlayer: 3\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: unknown speechclip_plus upstream option 'layer'"):
         speechclip_plus_local(model_file, model_config=str(bad))
-    with pytest.raises(ValueError, match="option 'per_utterance' must be bool"):
+    with pytest.raises(ValueError, match="option 'per_utterance' must be true | false | auto"):
         speechclip_plus_local(model_file, per_utterance="yes")
     with pytest.raises(ValueError, match="waveform 0 must be a non-empty 1-D"):
         expert([torch.zeros(2, 100)])

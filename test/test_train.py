@@ -73,12 +73,12 @@ def make_corpus(root: Path, n_utts: int = 8, n_images: int = 4, seed: int = 0, n
 
 
 def tiny_config(variant: str = "p", model=None, **train):
-    """Resolved tiny config: AMP off, no workers, a 0.75 s crop (``crop=False``: none), ``train`` keys and the
+    """Resolved tiny config: float32, no workers, a 0.75 s crop (``crop=False``: none), ``train`` keys and the
     nested ``model`` dict on top."""
     from speechclip_plus.config import load_config
 
     crop = train.pop("crop", 12000)
-    data = {"train": {"amp": False, "num_workers": 0, **train},
+    data = {"train": {"precision": "fp32", "num_workers": 0, **train},
             "model": {"max_audio_len": crop or None, **(model or {})}}
     return load_config(str(CONF / f"tiny_{variant}.yaml"), data=data)
 
@@ -93,24 +93,27 @@ def corpus(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
-def test_schedule_warms_up_then_decays_to_final_lr():
+def test_schedule_is_step_exact_with_the_reference():
+    """linear_warmup_decay of the SpeechCLIP(+) code: factor (s + 1) / W while s < W, then
+    1 - (1 - f / lr) * (s + 1 - W) / (S - W); optimiser step s (from 0) runs at lr times that factor."""
     from speechclip_plus.train.scheduler import build_scheduler
 
+    lr, f, W, S = 1e-3, 1e-5, 4, 12
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([p], lr=1e-3)
-    sched = build_scheduler(opt, warmup_steps=4, max_steps=12, final_lr=1e-5)
+    opt = torch.optim.Adam([p], lr=lr)
+    sched = build_scheduler(opt, warmup_steps=W, max_steps=S, final_lr=f)
     lrs = []
-    for _ in range(16):
+    for _ in range(S + 3):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(1e-3 / 4)  # warm-up starts near 0, not at 0
-    assert lrs[3] == pytest.approx(1e-3)
-    assert all(a < b for a, b in zip(lrs[:3], lrs[1:4]))
-    assert lrs[4] == pytest.approx(1e-3)  # decay starts at warmup_steps
-    assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13]))
-    assert lrs[8] == pytest.approx(1e-3 + (1e-5 - 1e-3) * 4 / 8)
-    assert lrs[12:] == pytest.approx([1e-5] * 4)  # held at final_lr after max_steps
+    reference = [lr * ((s + 1) / W if s < W else 1 - (1 - f / lr) * (s + 1 - W) / (S - W)) for s in range(S)]
+    assert lrs[:S] == pytest.approx(reference, rel=1e-12)
+    assert lrs[0] == pytest.approx(lr / 4)  # warm-up starts near 0, not at 0
+    assert lrs[W - 1] == pytest.approx(lr)  # the peak is the last warm-up step
+    assert lrs[W] == pytest.approx(lr * (1 - 0.99 / 8))  # decay already at the first step after warm-up
+    assert lrs[S - 1] == pytest.approx(f)  # the last optimiser step runs at final_lr
+    assert lrs[S:] == pytest.approx([f] * 3)  # held there if training goes on
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -296,7 +299,7 @@ def test_cli_trains_writes_exp_dir_and_resumes(corpus, tmp_path):
            "--train_data", corpus["train_data"], "--valid_data", corpus["valid_data"],
            "--image_embeds", corpus["image_embeds"], "--valid_image_embeds", corpus["valid_image_embeds"],
            "--exp_dir", str(exp), "--no_progress", "--train.max_steps", "2", "--train.valid_every", "1",
-           "--train.batch_size", "4", "--train.num_workers", "0", "--train.amp", "true"]
+           "--train.batch_size", "4", "--train.num_workers", "0", "--train.precision", "auto"]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     for f in ("config.yaml", "train.log", "run.sh", "checkpoints/last.pt", "checkpoints/best.pt",

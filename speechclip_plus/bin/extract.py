@@ -100,7 +100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--layer", type=int, default=-1, help="hidden state index for --branch hidden")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--batched_upstream", action="store_true", help="run the upstream on padded batches")
+    parser.add_argument("--batched_upstream", action="store_true",
+                        help="run the upstream on padded batches even when it is not batch-invariant "
+                             "(faster; default: only when it is)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (extract) %(levelname)s: %(message)s")
@@ -114,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         available = list(model.branches) + (["combined"] if len(model.branches) == 2 else []) + ["hidden"]
         if branch not in available:
             raise ValueError(f"--branch {branch}: variant '{model.variant}' offers {', '.join(available)}")
-        model.upstream.per_utterance = not args.batched_upstream
+        model.upstream.per_utterance = False if args.batched_upstream else "auto"
         model.to(args.device)
         scp, n = write_ark_scp(args.out_dir, extract(model, args.data_dir, branch, args.layer, args.batch_size,
                                                      args.device, not args.no_progress))

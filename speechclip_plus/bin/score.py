@@ -32,8 +32,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_plots", type=int, default=4, help="utterances to plot (0: no plots)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
     parser.add_argument("--batched_upstream", action="store_true",
-                        help="run the upstream on whole padded batches (faster; HuBERT outputs then depend "
-                             "slightly on the batch)")
+                        help="run the upstream on padded batches even when it is not batch-invariant "
+                             "(faster; HuBERT outputs then depend slightly on the batch; default: only when it is)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry_run", action="store_true", help="check the inputs, score nothing")
     return parser
@@ -79,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             meta = {"checkpoint": os.path.basename(meta["checkpoint"]),
                     "step": None if meta.get("step") is None else int(meta["step"])}
             label = f"{meta['checkpoint']}" + (f" (step {meta['step']})" if meta["step"] is not None else "")
-        model.upstream.per_utterance = not args.batched_upstream
+        model.upstream.per_utterance = False if args.batched_upstream else "auto"
         model.to(args.device)
         results = score(model, args.data_dir, args.image_embeds, args.out_dir, exp_dir=args.exp_dir, cfg=cfg,
                         label=label, meta=meta, batch_size=args.batch_size, num_plots=args.num_plots,
