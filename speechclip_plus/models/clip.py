@@ -2,10 +2,11 @@
 
 Everything is open_clip's own (``create_model_and_transforms``, ``get_tokenizer``, the text transformer,
 ``ln_final``, ``text_projection``, positional embedding); this module only adds the SpeechCLIP+ parts
-(reference.md §1.2, §3.3):
+(as ``avssl/module/clip_official.py`` of ShampooWang/SpeechCLIP_plus):
 - a *reduced vocabulary*: the original CLIP token ids seen in the training captions, in file order (by
   frequency). ``token_table`` (V, token_dim) holds their frozen embedding rows; the keyword quantiser picks
-  rows of it. ``special_mask`` marks pad (id 0), SOT and EOT by id, so they can never be picked (§9.6).
+  rows of it. ``special_mask`` marks pad (id 0), SOT and EOT by id, so they can never be picked (the reference masks
+  the reduced positions [0, 2, 3], right only for its frequency-sorted files).
 - ``encode_keywords``: a prompt [SOT, kw_1 .. kw_K_b, EOT, pad ...] of continuous keyword vectors through the
   frozen text encoder, pooled at EOT. With keyword vectors equal to the embeddings of a sentence's tokens it
   equals ``encode_text`` of that sentence.
@@ -27,6 +28,16 @@ from torch import nn
 PAD_ID = 0  # open_clip's tokenizer pads with id 0 ("!")
 
 PathLike = Union[str, os.PathLike]
+
+
+def check_values(ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the boolean tensor ``ok`` is true. On an accelerator the check runs on
+    the device (``torch._assert_async``) so that it never waits for the host."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -243,7 +254,8 @@ class FrozenCLIP(nn.Module):
     # ------------------------------------------------------------------ sizes and tables
     @property
     def embed_dim(self) -> int:
-        """Joint image/text embedding dim (= text_projection.shape[1], reference.md §9.16)."""
+        """Joint image/text embedding dim (= text_projection.shape[1]; the reference uses the token width, which
+        equals it only for ViT-B/32 and ViT-L/14)."""
         proj = self._text.text_projection
         return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
 
@@ -268,15 +280,17 @@ class FrozenCLIP(nn.Module):
     def to_reduced(self, ids: torch.Tensor) -> torch.Tensor:
         """Original ids (any shape) -> reduced ids; -1 where the token is not in the reduced vocabulary."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.vocab_ids.device)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.full_vocab_size):
-            raise ValueError(f"to_reduced: ids outside [0, {self.full_vocab_size})")
+        if ids.numel():
+            check_values(((ids >= 0) & (ids < self.full_vocab_size)).all(),
+                         f"to_reduced: ids outside [0, {self.full_vocab_size})")
         return self._to_reduced[ids]
 
     def to_original(self, ids: torch.Tensor) -> torch.Tensor:
         """Reduced ids (any shape) -> original CLIP ids."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.vocab_ids.device)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"to_original: reduced ids outside [0, {self.vocab_size})")
+        if ids.numel():
+            check_values(((ids >= 0) & (ids < self.vocab_size)).all(),
+                         f"to_original: reduced ids outside [0, {self.vocab_size})")
         return self.vocab_ids[ids]
 
     # ------------------------------------------------------------------ tokenizer
@@ -336,16 +350,16 @@ class FrozenCLIP(nn.Module):
         if lengths is None:
             lengths = torch.full((bsz,), k, dtype=torch.long, device=device)
         lengths = lengths.to(device=device, dtype=torch.long)
-        if lengths.shape != (bsz,) or (bsz and (lengths.min() < 0 or lengths.max() > k)):
-            raise ValueError(
-                f"encode_keywords: lengths must be (B,) = ({bsz},) in [0, {k}], got {lengths.tolist()}"
-            )
+        if lengths.shape != (bsz,):
+            raise ValueError(f"encode_keywords: lengths must be (B,) = ({bsz},), got {tuple(lengths.shape)}")
+        if bsz:
+            check_values(((lengths >= 0) & (lengths <= k)).all(), f"encode_keywords: lengths must be in [0, {k}]")
 
         text = self._text
         cast_dtype = text.transformer.get_cast_dtype()
         # The text transformer is causal, so the EOT state depends only on positions <= EOT: run it over the
-        # n = max(L_b) + 2 positions the longest prompt uses instead of the whole context (same output).
-        n = int(lengths.max()) + 2 if bsz else 2
+        # K + 2 positions the prompts can use instead of the whole context (same output, no host read).
+        n = k + 2
         pos = torch.arange(n, device=device)
         eot_pos = lengths + 1
         ids = torch.full((bsz, n), PAD_ID, dtype=torch.long, device=device)
