@@ -256,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     total_s = time.perf_counter() - t_start
     model_utt_s = statistics.median(r["model_utt_s"] for r in loops.values())
     from speechclip_plus.train.precision import precision_name
-    amp = precision_name(torch.device("cpu"), bool(tc["amp"]))
+    amp = precision_name(torch.device("cpu"), tc["precision"])
     lines = [
         f"`python bench/dataload.py`: egs/mini h+ config (`{Path(args.config).relative_to(ROOT)}`, "
         f"`model.clip.pretrained null`), batch size {tc['batch_size']}, {args.utts} generated utterances of 2-4 s "

@@ -216,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--rounds", type=int, default=4, help="at most this many timed rounds (cache + tower)")
     ap.add_argument("--budget", type=float, default=80.0, help="seconds of timed rounds (at least 2 rounds)")
     ap.add_argument("--fp32", action="store_true",
-                    help="train.amp false (default: the config's amp, bf16 only on a CPU with native bf16)")
+                    help="train.precision fp32 (default: the config's precision; auto = bf16 only where native)")
     ap.add_argument("--quick", action="store_true", help="batch 8, 1 timed round; implies --no-write")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
@@ -239,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                      "--model.clip.name", str(CLIP_CONFIG), "--model.clip.pretrained", "null",
                      "--train.batch_size", str(args.batch), "--train.num_workers", "0"]
         if args.fp32:
-            overrides += ["--train.amp", "false"]
+            overrides += ["--train.precision", "fp32"]
         trainer = build_trainer(BASE_CONFIG, overrides, data_dir, scp, os.path.join(tmp, "exp"))
         model = trainer.raw_model
         batch = next(iter(trainer._loader(trainer.train_set, trainer.sampler, 0)))
@@ -268,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         n_all = sum(p.numel() for p in model.parameters())
         seconds = batch["wav_len"].float() / 16000
         from speechclip_plus.train.precision import precision_name
-        amp = precision_name(trainer.device, bool(trainer.tc["amp"]))
+        amp = precision_name(trainer.device, trainer.tc["precision"])
         upstream_desc = (f"random HuBERT, 768-d, {args.upstream_layers} layers, {args.conv_dim} conv channels "
                          f"({model.upstream.num_layers} states)")
         trainer.close()

@@ -49,7 +49,8 @@ def _step_record(tr, batch_indices):
         losses.gather_with_grad = real_gather
     grads = {n: p.grad.detach().clone() for n, p in tr.raw_model.named_parameters() if p.grad is not None}
     tr.optimizer.zero_grad(set_to_none=True)
-    return {"loss": rec["loss"], "terms": rec["terms"], "grads": grads, "sizes": sizes, "utts": batch["utt"]}
+    return {"loss": float(rec["loss"]), "terms": {k: float(v) for k, v in rec["terms"].items()}, "grads": grads,
+            "sizes": sizes, "utts": batch["utt"]}
 
 
 def _worker(rank: int, port: int, cfg: dict, exp: str, out: str) -> None:

@@ -291,6 +291,100 @@ def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path):
     assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())
 
 
+def test_fp16_overflow_skips_the_step_without_moving_the_schedule(corpus, tmp_path):
+    """A GPU's fp16 path, driven on the CPU with a real GradScaler: gradients that overflow (finite loss) make
+    the scaler skip the update; that step must not count, move the LR schedule or reset the bad-step count."""
+    from speechclip_plus.config import ConfigError
+    from speechclip_plus.train.trainer import TrainingDiverged
+
+    train = {k: v for k, v in corpus.items() if not k.startswith("valid")}
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        _trainer(tiny_config("p", precision="fp16", **train), tmp_path / "refused")
+    cfg = tiny_config("p", max_steps=6, valid_every=100, batch_size=4, max_bad_steps=3, warmup_steps=2, **train)
+    tr = _trainer(cfg, tmp_path / "exp")
+    tr.fp16, tr.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    overflow = {"on": False}
+    tr.raw_model.parallel.proj.weight.register_hook(lambda g: g * float("inf") if overflow["on"] else g)
+    real_step = tr._optimizer_step
+    snapshot = {}
+
+    def step(window):
+        ok, norm = real_step(window)
+        if tr.step == 0 and ok:  # the first step is good; from then on every step overflows
+            overflow["on"] = True
+            snapshot.update({n: p.detach().clone() for n, p in tr.raw_model.named_parameters()})
+            snapshot["lr"] = tr.optimizer.param_groups[0]["lr"]
+        return ok, norm
+
+    tr._optimizer_step = step
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        tr.fit()
+    assert tr.step == 1 and tr.total_bad_steps == 3 and tr.scheduler.last_epoch == 1
+    assert tr.optimizer.param_groups[0]["lr"] == snapshot["lr"]
+    assert tr.scaler.get_scale() == 2.0 ** 10 / 8  # halved at each skipped step
+    assert all(torch.equal(p, snapshot[n]) for n, p in tr.raw_model.named_parameters())
+
+
+@pytest.mark.parametrize("accum_grad,expected", [(1, [2, 4, 5]), (3, [1, 2, 3])])
+def test_validation_once_per_epoch(corpus, tmp_path, accum_grad, expected):
+    """valid_every: epoch (the reference's cadence): after the step that finishes an epoch's batches, or, when an
+    epoch ends inside an accumulation window, after that window's step; and at max_steps."""
+    cfg = tiny_config("p", batch_size=4, accum_grad=accum_grad, max_steps=expected[-1], valid_every="epoch",
+                      **corpus)
+    assert cfg["train"]["bucketing"] is False
+    tr = _trainer(cfg, tmp_path / "exp")
+    assert len(tr.sampler) == 2 and tr.sampler.bucketing is False  # 8 utterances, batches of 4
+    tr.fit()
+    records = [json.loads(x) for x in (tmp_path / "exp" / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == expected
+    assert "validated at the end of every epoch" in (tmp_path / "exp" / "train.log").read_text()
+    assert _trainer(tiny_config("p", bucketing=True, **corpus), tmp_path / "b").sampler.bucketing is True
+
+
+@pytest.mark.parametrize("branch", [None, "cascaded"])
+def test_checkpoints_are_selected_on_the_configured_branch(corpus, tmp_path, branch):
+    cfg = tiny_config("hplus", max_steps=4, valid_every=1, batch_size=4, model={"retrieval_branch": branch},
+                      **corpus)
+    tr = _trainer(cfg, tmp_path / "exp")
+    key = f"{branch or 'parallel'}/recall_mean_10"
+    assert tr.best["metric"] == key
+    tr.fit()
+    records = [json.loads(x) for x in (tmp_path / "exp" / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: (r[key], -r["step"]))
+    assert torch.load(tmp_path / "exp" / "checkpoints" / "best.pt", weights_only=True)["step"] == best["step"]
+
+
+def test_per_term_gradient_norms_at_the_shared_encoder(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from speechclip_plus.data import collate
+
+    cfg = tiny_config("hplus", max_steps=2, valid_every=100, batch_size=4, log_every=1, log_grad_norms=True,
+                      **{k: v for k, v in corpus.items() if not k.startswith("valid")})
+    tr = _trainer(cfg, tmp_path / "exp")
+    tr.fit()
+    tr.close()
+    ev = EventAccumulator(str(tmp_path / "exp" / "tensorboard"))
+    ev.Reload()
+    for tag in ("train/grad_norm/cl_parallel", "train/grad_norm/cl_cascaded", "train/grad_norm/quantity",
+                "train/grad_cos/cl_parallel~cl_cascaded"):
+        assert [e.step for e in ev.Scalars(tag)] == [1, 2], tag
+    assert all(-1 <= e.value <= 1 for e in ev.Scalars("train/grad_cos/cl_parallel~cl_cascaded"))
+    # the gradient of w_p * L_p scales with w_p; the other terms' do not; the cosine is unchanged
+    model = tr.raw_model
+    batch = collate([tr.train_set[i] for i in range(4)])
+    stats = []
+    for w in (1.0, 3.0):
+        model.cfg["parallel"]["weight"] = w
+        torch.manual_seed(0)
+        stats.append(tr._term_gradients(model(**tr._inputs(batch))["weighted"]))
+    a, b = stats
+    assert float(b["grad_norm/cl_parallel"]) == pytest.approx(3 * float(a["grad_norm/cl_parallel"]), rel=1e-4)
+    assert float(b["grad_norm/cl_cascaded"]) == pytest.approx(float(a["grad_norm/cl_cascaded"]), rel=1e-4)
+    assert float(b["grad_cos/cl_parallel~cl_cascaded"]) == pytest.approx(
+        float(a["grad_cos/cl_parallel~cl_cascaded"]), abs=1e-4)
+
+
 def test_cli_trains_writes_exp_dir_and_resumes(corpus, tmp_path):
     exp = tmp_path / "exp"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
