@@ -166,8 +166,8 @@ def plot_keyword_metrics_by_k(path: str, series: Mapping[str, Mapping[str, Mappi
                               panel_inches: Tuple[float, float] = (3.5, 2.6), dpi: float = 100) -> None:
     """Keyword metrics by K bin: ``series`` maps a model label to its ``by_k`` dict (bin label -> metrics with
     ``n_utterances``). One panel per ``(key, title)`` of ``metrics`` (values in %, y from 0 or the lowest
-    negative value to 100; a missing or NaN value leaves a gap) and one of utterance counts; bins on the x axis in ``K_BINS`` order, those of any series. The figure
-    is ``panel_inches * (ncols, rows) * dpi`` pixels."""
+    negative value to 100; a missing or NaN value leaves a gap) and one of utterance counts; the x axis holds
+    the bins of any series, in ``K_BINS`` order. The figure is ``panel_inches * (ncols, rows) * dpi`` pixels."""
     order = [label for label, _, _ in K_BINS]
     if not series:
         raise ValueError(f"{path}: no series to plot")
