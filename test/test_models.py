@@ -62,6 +62,26 @@ def test_forward_backward_and_training_reduces_loss(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_total_loss_is_the_configured_weighted_sum_of_its_terms(variant):
+    """L = w_p L_p + w_c L_c + w_q L_QUA with large h+'s weights 0.5 / 1.5 / 0.25 set for every variant; only the
+    variant's own terms count (read from the public output, so whether terms are floats or tensors is free)."""
+    weights = {"cl_parallel": 0.5, "cl_cascaded": 1.5, "quantity": 0.25}
+    model = tiny_model(variant, "--model.parallel.weight", "0.5", "--model.cascaded.weight", "1.5",
+                       "--model.cif.quantity_weight", "0.25")
+    own = {"p": ["cl_parallel"], "c": ["cl_cascaded"], "cplus": ["cl_cascaded", "quantity"],
+           "h": ["cl_parallel", "cl_cascaded"], "hplus": ["cl_parallel", "cl_cascaded", "quantity"]}[variant]
+    wav, lens, img, idx = batch(model, n=4)
+    for training in (True, False):  # the training step and validation (duration targets: L_QUA in both)
+        model.train(training)
+        with torch.set_grad_enabled(training):
+            out = model(wav, lens, img, idx, step=0)
+        assert sorted(set(out["terms"]) & set(weights)) == sorted(own), training
+        terms = {name: float(out["terms"][name]) for name in own}
+        assert all(v > 0 for v in terms.values()), terms  # every weight changes the total
+        assert float(out["loss"]) == pytest.approx(sum(weights[n] * terms[n] for n in own), rel=1e-5), terms
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_eval_outputs(variant):
     model = tiny_model(variant).eval()
     wav, lens, _, _ = batch(model, n=3)

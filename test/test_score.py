@@ -146,7 +146,8 @@ def test_results_json_matches_direct_recall_on_model_embeddings(scored):
 
     kw = res["keywords"]
     for key in ("subword_hit_rate", "subword_hit_rate_at5", "word_hit_rate", "duplicate_rate", "mean_keywords",
-                "mean_target", "count_error", "n_keywords"):
+                "mean_target", "count_error", "n_keywords", "text_duplicate_rate", "excess_duplicate_rate",
+                "coverage", "word_coverage", "adjacent_repeat_rate", "subword_hit_rate_utt", "word_hit_rate_utt"):
         assert key in kw, key
     # the keyword file holds exactly what the API reads for each utterance
     lines = (scored["out"] / "keywords.txt").read_text().splitlines()
@@ -160,22 +161,92 @@ def test_results_json_matches_direct_recall_on_model_embeddings(scored):
     assert all(k["start"] <= k["end"] for d in detail for k in d["keywords"])
 
 
+def test_keyword_comparison_metrics_follow_the_keyword_file(scored):
+    """coverage, duplicates, adjacent repeats and the K bins of results.json, recomputed from keywords.jsonl."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from speechclip_plus.eval.keywords import k_bin, normalize_words
+
+    kw = json.loads((scored["out"] / "results.json").read_text())["keywords"]
+    detail = [json.loads(x) for x in (scored["out"] / "keywords.jsonl").read_text().splitlines()]
+    keys = [[k["token_id"] for k in d["keywords"]] for d in detail]
+    vocab = SimpleTokenizer().encoder  # the captions are ASCII words, whose vocabulary entry is the token string
+    text = [[vocab[t] for t in d["text_tokens"]] for d in detail]
+    assert kw["coverage"] == pytest.approx(np.mean([len(set(k) & set(t)) / len(set(t)) for k, t in zip(keys, text)]))
+    words = [set(normalize_words(d["text"])) for d in detail]
+    kw_words = [{k["token"][:-4] for k in d["keywords"] if k["token"].endswith("</w>")} for d in detail]
+    assert kw["word_coverage"] == pytest.approx(np.mean([len(w & v) / len(w) for w, v in zip(words, kw_words)]))
+    assert kw["adjacent_repeat_rate"] == pytest.approx(
+        sum(a == b for k in keys for a, b in zip(k, k[1:])) / sum(len(k) for k in keys))
+    spoken = [(k, t) for k, t in zip(keys, text) if k]
+    dup = [(1 - len(set(k)) / len(k)) - (1 - len(set(t)) / len(t)) for k, t in spoken]
+    assert kw["excess_duplicate_rate"] == pytest.approx(np.mean(dup))
+    assert kw["excess_duplicate_rate"] == pytest.approx(kw["duplicate_rate"] - kw["text_duplicate_rate"])
+    bins = {}
+    for k in keys:
+        bins[k_bin(len(k))] = bins.get(k_bin(len(k)), 0) + 1
+    assert {b: m["n_utterances"] for b, m in kw["by_k"].items()} == bins
+    assert sum(m["n_keywords"] for m in kw["by_k"].values()) == kw["n_keywords"]
+
+
+def _md_rows(table: str):
+    """Cells of each row of a Markdown table (header, rule, body), split at unescaped pipes."""
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", ln.strip()[1:-1])] for ln in table.splitlines()]
+
+
+def test_results_table_columns_and_by_k_table():
+    from speechclip_plus.eval.scoring import keyword_by_k_table, results_table
+
+    kw = {"subword_hit_rate": 0.5, "subword_hit_rate_at5": 0.75, "word_hit_rate": 0.25, "coverage": 0.4,
+          "word_coverage": 0.3, "duplicate_rate": 0.2, "excess_duplicate_rate": -0.05, "adjacent_repeat_rate": 0.125,
+          "mean_keywords": 8.0, "count_error": None,
+          "by_k": {"5-8": {"n_utterances": 3, "mean_keywords": 6.5, "subword_hit_rate": 0.5, "word_hit_rate": 0.25,
+                           "coverage": 0.4, "word_coverage": 0.3, "excess_duplicate_rate": float("nan"),
+                           "adjacent_repeat_rate": 0.125},
+                   "17+": {"n_utterances": 1, "mean_keywords": 20.0, "coverage": 1.0}}}
+    results = {"retrieval": {"parallel": {}, "cascaded": {}}, "retrieval_branch": "parallel", "keywords": kw}
+    cells = _md_rows(results_table(results))
+    head, cascaded = cells[0], next(c for c in cells if c[0] == "cascaded")
+    row = dict(zip(head, cascaded))
+    assert head[7:10] == ["kw subword hit", "kw hit@5", "kw word hit"]  # the recipes test reads these by place
+    assert (row["kw cover"], row["word cover"], row["kw dup"], row["excess dup"], row["adj repeat"]) == \
+        ("40.00", "30.00", "20.00", "-5.00", "12.50")
+    assert (row["mean K"], row["\\|K-target\\|"]) == ("8.00", "-")
+    by_k = _md_rows(keyword_by_k_table(kw))
+    assert by_k[0] == ["K", "utterances", "mean K", "subword hit", "word hit", "cover", "word cover", "excess dup",
+                       "adj repeat"]
+    assert by_k[2] == ["5-8", "3", "6.50", "50.00", "25.00", "40.00", "30.00", "-", "12.50"]
+    assert by_k[3][:3] == ["17+", "1", "20.00"] and by_k[3][5] == "100.00" and by_k[3][3] == "-"
+
+
 def test_results_md_table_and_plots(scored):
     md = (scored["exp"] / "RESULTS.md").read_text()
     assert md.count("## test: best.pt (step 2)") == 1
-    rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    tables = [t for t in md.split("\n\n") if t.startswith("| ")]
+    rows = tables[0].splitlines()  # one row per branch
+    k_tables = [t for t in tables if t.startswith("| K ")]  # keywords per K bin
+    assert len(k_tables) == 1
+    k_rows = k_tables[0].splitlines()
     assert rows[0].startswith("| branch") and "S→I R@1" in rows[0] and "kw subword hit" in rows[0]
-    body = {r.split("|")[1].strip(): r for r in rows[1:]}
+    body = {r.split("|")[1].strip(): r for r in rows[2:]}
     assert set(body) == {"parallel *", "cascaded", "combined"}
     res = json.loads((scored["out"] / "results.json").read_text())
     r1 = f"{100 * res['retrieval']['cascaded']['speech_to_image_r1']:.2f}"
     assert body["cascaded"].split("|")[2].strip() == r1
     dup = f"{100 * res['keywords']['duplicate_rate']:.2f}"
     assert dup in body["cascaded"] and body["parallel *"].rstrip(" |").endswith("-")
+    cover = f"{100 * res['keywords']['coverage']:.2f}"
+    assert cover in body["cascaded"]
+    assert k_rows[0].startswith("| K ") and "adj repeat" in k_rows[0]
+    by_k = {r.split("|")[1].strip(): r for r in k_rows[2:]}
+    assert list(by_k) == list(res["keywords"]["by_k"])  # one row per bin, in order
+    for label, line in by_k.items():
+        assert line.split("|")[2].strip() == str(res["keywords"]["by_k"][label]["n_utterances"])
 
     plots = sorted(os.listdir(scored["out"] / "plots"))
     utts = _utts(scored["data"])
-    assert plots == sorted([f"cif_{utts[0]}.png", f"cif_{utts[1]}.png", "retrieval_parallel.png"])
+    assert plots == sorted([f"cif_{utts[0]}.png", f"cif_{utts[1]}.png", "retrieval_parallel.png",
+                            "keywords_by_k.png"])
     for p in plots:
         assert (scored["out"] / "plots" / p).read_bytes()[:4] == b"\x89PNG"
     assert sorted(res["plots"]) == [f"plots/{p}" for p in plots]

@@ -8,21 +8,20 @@ Steps of ``score``:
    cache and are L2-normalised here: ``eval.retrieval.recall_at_k``, R@1/5/10 both ways, fractions in [0, 1].
    Every image used by an utterance is a candidate (images of ``img.scp`` without an utterance are not).
 3. Keywords (cascaded branches). The published keyword metrics were never released; these definitions are
-   ours (implemented in ``eval.keywords``). An utterance's keywords are the CLIP token ids its K slots
-   quantise to (K = n_keywords for ``c``/``h``, the CIF count for ``c+``/``h+``), compared with the CLIP BPE
-   ids of its transcription (``normalize_caption``, open_clip's tokenizer, no SOT/EOT):
-   - subword hit rate: share of all keywords whose id occurs in the transcription's ids; hit@5: share of
-     keywords one of whose 5 nearest tokens occurs;
-   - word hit rate: share of all keywords that are whole-word tokens (``...</w>``) equal to a word of the
-     normalised transcription;
-   - duplicate rate: mean over utterances of 1 - distinct(keywords) / K;
-   - CIF only: mean K, mean target and count error mean |K - target|, with the model's own target
-     (``cif.target``: duration, clip_bpe, or spm through ``data.text_vocab``).
+   ours (``eval.keywords``, whose docstring defines each metric). An utterance's keywords are the CLIP token
+   ids its K slots quantise to (K = n_keywords for ``c``/``h``, the CIF count for ``c+``/``h+``) with their 5
+   nearest tokens, compared with the CLIP BPE ids of its transcription (``normalize_caption``, open_clip's
+   tokenizer, no SOT/EOT) and its words: subword and word hit rates (pooled and per utterance), hit@5,
+   coverage and word coverage of the transcription, duplicate rate, the transcription's own duplicate rate and
+   the excess over it, adjacent repeats; for CIF also mean K, mean target and count error |K - target| with
+   the model's own target (``cif.target``: duration, clip_bpe, or spm through ``data.text_vocab``); all of
+   them again per K bin (``by_k``).
 4. Outputs in ``out_dir``: ``results.json`` (everything), ``keywords.txt`` (``<utt> <token> ...``),
    ``keywords.jsonl`` (per utterance: tokens, ids, CIF times, neighbours, transcription tokens, target),
-   ``plots/cif_<utt>.png`` (CIF weights and fires over the log-mel spectrogram) and
-   ``plots/retrieval_<branch>.png`` (top-5 images of a few spoken queries, the correct one framed); a section
-   of ``RESULTS.md`` (one row per branch) replaced or appended. All writes are atomic.
+   ``plots/cif_<utt>.png`` (CIF weights and fires over the log-mel spectrogram),
+   ``plots/retrieval_<branch>.png`` (top-5 images of a few spoken queries, the correct one framed) and
+   ``plots/keywords_by_k.png`` (keyword metrics per K bin); a section of ``RESULTS.md`` (one row per branch,
+   and the keyword metrics per K bin) replaced or appended. All writes are atomic.
 
 Unlike the rest of ``eval/`` this module drives a model: it takes a built ``SpeechCLIP`` (loading is the
 caller's, see ``speechclip_plus.api``) and uses the API's batch helpers, so scores and API embeddings agree.
@@ -262,8 +261,14 @@ RETRIEVAL_COLUMNS = [
 ]
 KEYWORD_COLUMNS = [
     ("subword_hit_rate", "kw subword hit"), (f"subword_hit_rate_at{N_NEIGHBOURS}", f"kw hit@{N_NEIGHBOURS}"),
-    ("word_hit_rate", "kw word hit"), ("duplicate_rate", "kw dup"), ("mean_keywords", "mean K"),
-    ("count_error", "|K-target|"),
+    ("word_hit_rate", "kw word hit"), ("coverage", "kw cover"), ("word_coverage", "word cover"),
+    ("duplicate_rate", "kw dup"), ("excess_duplicate_rate", "excess dup"), ("adjacent_repeat_rate", "adj repeat"),
+    ("mean_keywords", "mean K"), ("count_error", "|K-target|"),
+]
+KEYWORD_BY_K_COLUMNS = [
+    ("bin", "K", "text"), ("n_utterances", "utterances"), ("mean_keywords", "mean K"),
+    ("subword_hit_rate", "subword hit"), ("word_hit_rate", "word hit"), ("coverage", "cover"),
+    ("word_coverage", "word cover"), ("excess_duplicate_rate", "excess dup"), ("adjacent_repeat_rate", "adj repeat"),
 ]
 
 
@@ -277,6 +282,24 @@ def results_table(results: Dict[str, Any]) -> str:
         rows.append(row)
     cols = list(RETRIEVAL_COLUMNS) + (list(KEYWORD_COLUMNS) if results.get("keywords") else [])
     return format_table(rows, cols)
+
+
+def keyword_by_k_table(keywords: Dict[str, Any]) -> str:
+    """The Markdown table of ``keyword_metrics``' ``by_k``: one row per K bin present."""
+    return format_table([{"bin": label, **m} for label, m in keywords["by_k"].items()], KEYWORD_BY_K_COLUMNS)
+
+
+def _keyword_plot(out_dir: str, label: str, keywords: Dict[str, Any]) -> List[str]:
+    """``plots/keywords_by_k.png`` (one series, ``label``); returns the file written, if any."""
+    from .plots import plot_keyword_metrics_by_k
+
+    path = os.path.join(out_dir, "plots", "keywords_by_k.png")
+    try:
+        plot_keyword_metrics_by_k(path, {label: keywords["by_k"]})
+    except (ValueError, OSError) as e:
+        log.warning("keyword plot skipped: %s", e)
+        return []
+    return [path]
 
 
 def score(model, data_dir: str, image_embeds: str, out_dir: str, exp_dir: Optional[str] = None,
@@ -317,14 +340,19 @@ def score(model, data_dir: str, image_embeds: str, out_dir: str, exp_dir: Option
         txt, jsonl = _keyword_lines(model, emb, text_ids)
         atomic_write(os.path.join(out_dir, "keywords.txt"), txt)
         atomic_write(os.path.join(out_dir, "keywords.jsonl"), jsonl)
-    results["plots"] = [os.path.relpath(p, out_dir) for p in
-                        _plots(model, emb, data_dir, out_dir, model.retrieval_branch, images, image_list, s2i,
-                               num_plots)]
+    plots = _plots(model, emb, data_dir, out_dir, model.retrieval_branch, images, image_list, s2i, num_plots)
+    if kw_metrics and num_plots > 0:
+        plots += _keyword_plot(out_dir, f"{model.variant} cascaded", kw_metrics)
+    results["plots"] = [os.path.relpath(p, out_dir) for p in plots]
     write_results_json(os.path.join(out_dir, "results.json"), results)
     if exp_dir is not None:
         title = f"{set_name}: {label}" if label else set_name
         note = (f"Variant `{model.variant}`, {len(emb.utts)} utterances, {len(image_list)} images; recall and "
                 f"keyword rates in %. `*` = the model's retrieval branch. Details: "
                 f"`{os.path.relpath(os.path.join(out_dir, 'results.json'), exp_dir)}`.")
-        write_md_section(os.path.join(exp_dir, "RESULTS.md"), title, note + "\n\n" + results_table(results))
+        body = note + "\n\n" + results_table(results)
+        if kw_metrics:
+            body += ("\nKeyword metrics of the cascaded branch by keyword count K (`by_k` in results.json; "
+                     "rates in %):\n\n" + keyword_by_k_table(kw_metrics))
+        write_md_section(os.path.join(exp_dir, "RESULTS.md"), title, body)
     return results
