@@ -8,6 +8,7 @@ install_requires = [
     "torchaudio==2.11.0",
     "open_clip_torch==3.3.0",
     "s3prl==0.4.18",
+    "huggingface_hub==2.4.0",
     "sentencepiece",
     "kaldiio",
     "pyyaml",

@@ -11,8 +11,8 @@ model gives (zeros here); s3prl's featurizers trim them by ``round(L_i / rate)``
 Options (keyword arguments, or a YAML mapping passed as ``model_config`` / s3prl's ``-g``):
   per_utterance: bool (default false) run the trunk one utterance at a time, so features do not depend on
       what else is in the batch (HuBERT Base's GroupNorm and frame mask see the padding otherwise).
-The model is read by ``SpeechCLIPPlus.from_pretrained`` (a model file, or an exp dir: its best checkpoint);
-this class adds no loading code of its own.
+The model is read by ``SpeechCLIPPlus.from_pretrained`` (a model file, an exp dir: its best checkpoint, or
+``hf://ORG/NAME[@REVISION]`` from the Hugging Face Hub); this class adds no loading code of its own.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class UpstreamExpert(nn.Module):
         super().__init__()
         if not ckpt:
             raise ValueError("speechclip_plus upstream: a model file is required (s3prl: -k /path/model.pt)")
-        if not os.path.exists(ckpt):
+        if not str(ckpt).startswith("hf://") and not os.path.exists(ckpt):
             raise FileNotFoundError(f"speechclip_plus upstream: model file not found: {ckpt}")
         options = read_options(model_config, kwargs)
         from ..api import SpeechCLIPPlus
