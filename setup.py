@@ -21,7 +21,8 @@ install_requires = [
     "Pillow",
 ]
 
-TOOLS = ["train", "score", "export", "extract", "embed_images", "make_vocab", "format_audio", "validate_data"]
+TOOLS = ["train", "score", "export", "extract", "embed_images", "make_vocab", "format_audio", "validate_data",
+         "import_reference"]
 
 setup(
     name="speechclip_plus",
