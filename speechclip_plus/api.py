@@ -1,7 +1,7 @@
 """Python API: load a trained SpeechCLIP/SpeechCLIP+ model, embed speech, images and text, read keywords.
 
     from speechclip_plus import SpeechCLIPPlus
-    m = SpeechCLIPPlus.from_pretrained("exp/tiny_hplus/model.pt")   # or an exp dir (its best checkpoint)
+    m = SpeechCLIPPlus.from_pretrained("exp/tiny_hplus/model.pt")   # or an exp dir, or hf://ORG/NAME[@REV]
     s = m.embed_speech(["a.wav", "b.wav"])                          # (N, E) unit-norm
     i = m.embed_image(["a.jpg"])                                     # (M, E) unit-norm
     m.similarity(s, i)                                               # (N, M) cosine
@@ -380,8 +380,20 @@ def load_exp_dir(exp_dir: PathLike, checkpoint: str = "best"):
 
 
 def load_any(path: PathLike, checkpoint: str = "best"):
-    """A model file or an exp dir -> (model, config, meta)."""
+    """A model file, an exp dir or ``hf://ORG/NAME[@REVISION]`` (``speechclip_plus.hub``) -> (model, config, meta).
+
+    A Hub model file is read like a local one; its meta gains ``hub`` (uri, repo_id, revision, commit).
+    """
     path = os.fspath(path)
+    if path.startswith("hf://"):
+        from .hub import HubError, fetch_model
+
+        try:
+            found = fetch_model(path)
+        except HubError as e:
+            raise ModelFileError(str(e)) from None
+        model, cfg, meta = load_model_file(found.pop("path"))
+        return model, cfg, {**meta, "hub": found}
     if os.path.isdir(path):
         return load_exp_dir(path, checkpoint)
     return load_model_file(path)
@@ -504,7 +516,8 @@ class SpeechCLIPPlus:
     @classmethod
     def from_pretrained(cls, path: PathLike, device: Union[str, torch.device] = "cpu", checkpoint: str = "best",
                         per_utterance: Union[bool, str] = "auto") -> "SpeechCLIPPlus":
-        """A model file from ``bin.export``, or an exp dir (its ``checkpoint``: best | last | a path)."""
+        """A model file from ``bin.export`` / ``bin.import_reference``, an exp dir (its ``checkpoint``: best |
+        last | a path), or a model shared on the Hugging Face Hub: ``hf://ORG/NAME[@REVISION]``."""
         model, cfg, meta = load_any(path, checkpoint)
         return cls(model, cfg, device, per_utterance, meta)
 

@@ -12,8 +12,8 @@ Options (keyword arguments, or a YAML mapping passed as ``model_config`` / s3prl
   per_utterance: true | false (default) | auto: run the trunk one utterance at a time (always, never, or only
       when it is not batch-invariant), so features do not depend on what else is in the batch (HuBERT's
       GroupNorm, positional convolution and frame mask see the padding otherwise; filterbanks do not).
-The model is read by ``SpeechCLIPPlus.from_pretrained`` (a model file, or an exp dir: its best checkpoint);
-this class adds no loading code of its own.
+The model is read by ``SpeechCLIPPlus.from_pretrained`` (a model file, an exp dir: its best checkpoint, or
+``hf://ORG/NAME[@REVISION]`` from the Hugging Face Hub); this class adds no loading code of its own.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class UpstreamExpert(nn.Module):
         super().__init__()
         if not ckpt:
             raise ValueError("speechclip_plus upstream: a model file is required (s3prl: -k /path/model.pt)")
-        if not os.path.exists(ckpt):
+        if not str(ckpt).startswith("hf://") and not os.path.exists(ckpt):
             raise FileNotFoundError(f"speechclip_plus upstream: model file not found: {ckpt}")
         options = read_options(model_config, kwargs)
         from ..api import SpeechCLIPPlus
