@@ -105,12 +105,14 @@ def train_spm(
     model_prefix: Union[str, os.PathLike],
     vocab_size: int,
     model_type: str = "bpe",
+    hard_limit: bool = True,
 ) -> str:
     """Train sentencepiece on the normalised captions; writes ``<prefix>.model`` and ``<prefix>.vocab``.
 
     Training happens under a temporary prefix in the destination directory and both files are renamed
-    when it succeeds. ``vocab_size`` is exact: too large for the text is a ``DataError``. Returns the
-    ``.model`` path.
+    when it succeeds. ``hard_limit``: ``vocab_size`` is exact, too large for the text is a ``DataError``;
+    else it is a maximum (sentencepiece's ``hard_vocab_limit=false``: the model has as many pieces as the
+    text yields, at most ``vocab_size``). Returns the ``.model`` path.
     """
     import sentencepiece as spm
 
@@ -135,6 +137,7 @@ def train_spm(
                 model_type=model_type,
                 character_coverage=1.0,
                 num_threads=1,
+                hard_vocab_limit=bool(hard_limit),
                 input_sentence_size=2_000_000,
                 shuffle_input_sentence=True,
                 minloglevel=2,
