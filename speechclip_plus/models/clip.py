@@ -13,7 +13,9 @@ Everything is open_clip's own (``create_model_and_transforms``, ``get_tokenizer`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 PAD_ID = 0  # open_clip's tokenizer pads with id 0 ("!")
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -99,6 +103,30 @@ def save_vocab_usage(path: PathLike, ids: Sequence[int], counts: Sequence[int]) 
 
 
 # ---------------------------------------------------------------------------------------------- model
+class _DropMessage(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """open_clip warns on the root logger that a model built without pretrained weights is "initialized
+    randomly"; FrozenCLIP says itself what it loads, so that line is left out while the model is built."""
+    drop = _DropMessage("No pretrained weights loaded for model")
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _resolve_model_name(name: str) -> str:
     """open_clip architecture name; a ``.json`` model config is registered with open_clip under its stem."""
     import open_clip
@@ -166,9 +194,14 @@ class FrozenCLIP(nn.Module):
                 f"CLIP pretrained='{pretrained}' is neither an open_clip tag of {model_name} "
                 f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'}) nor a file"
             )
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, force_quick_gelu=bool(quick_gelu)
-        )
+        with _without_random_init_warning():
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, force_quick_gelu=bool(quick_gelu)
+            )
+        if pretrained:
+            log.info("CLIP %s: weights %s", name, pretrained)
+        else:
+            log.info("CLIP %s: built without pretrained weights (random until a state dict is loaded)", name)
         self.name = str(name)
         self.quick_gelu = bool(quick_gelu or model_cfg.get("quick_gelu", False))
         self.clip = clip
@@ -201,6 +234,7 @@ class FrozenCLIP(nn.Module):
         self.register_buffer("_special_mask", torch.empty(0, dtype=torch.bool), persistent=False)
         self._refresh_maps()
         self.register_load_state_dict_post_hook(FrozenCLIP._after_load)
+        self.register_load_state_dict_pre_hook(FrozenCLIP._log_loaded)
 
     # ------------------------------------------------------------------ setup helpers
     def _vocab_ids(self, vocab) -> List[int]:
@@ -227,6 +261,13 @@ class FrozenCLIP(nn.Module):
     @staticmethod
     def _after_load(module: "FrozenCLIP", incompatible_keys) -> None:
         module._refresh_maps()
+
+    @staticmethod
+    def _log_loaded(module: "FrozenCLIP", state_dict, prefix, *args) -> None:
+        """Say what a ``load_state_dict`` brings to the CLIP (a model file or checkpoint holding its weights)."""
+        n = sum(1 for k in state_dict if k.startswith(prefix + "clip."))
+        if n:
+            log.info("CLIP %s: %d weight tensor(s) loaded from the model's state dict", module.name, n)
 
     def _refresh_maps(self) -> None:
         """Rebuild the derived maps from ``vocab_ids`` (also after ``load_state_dict``)."""
