@@ -160,6 +160,28 @@ def dry_run(cfg: dict) -> None:
     print("dry run: OK")
 
 
+def warn_small_valid_set(cfg: dict) -> Optional[str]:
+    """Print (stderr) and return ``eval.retrieval.selection_warning`` for the valid set: the recall chosen by
+    ``train.select_metric`` is 1 for any model when the set has too few images."""
+    valid = cfg["train"]["valid_data"]
+    if not valid:
+        return None
+    from ..data.datadir import DataDir, DataError
+    from ..eval.retrieval import selection_warning
+
+    try:
+        utt2img = DataDir(valid).utt2img
+    except DataError:
+        return None  # the trainer reports the data dir's problem
+    if not utt2img:
+        return None
+    row = {img: k for k, img in enumerate(sorted(set(utt2img.values())))}
+    warning = selection_warning([row[img] for img in utt2img.values()], cfg["train"]["select_metric"], valid)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return warning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, args, overrides = parse_args(argv)
@@ -181,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ConfigError(f"{nproc} GPU(s) requested but {torch.cuda.device_count()} visible "
                                   "(use --ngpu 0 or --nproc N to train on CPU)")
         under_torchrun = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if os.environ.get(_CHILD_ENV) != "1" and os.environ.get("RANK", "0") == "0":
+            warn_small_valid_set(cfg)
         if (nproc > 1 or args.num_nodes > 1) and not under_torchrun:
             return relaunch(args, argv, nproc, device)
         if not under_torchrun or int(os.environ.get("RANK", "0")) == 0:
