@@ -389,6 +389,7 @@ def test_loading_a_model_file_says_what_was_loaded(exported, caplog):
     """open_clip's "No pretrained weights loaded ... initialized randomly" is not shown when a model file is
     read (its weights are loaded right after); the log says that the CLIP weights came from the file."""
     import logging
+    import re
 
     from speechclip_plus import SpeechCLIPPlus
 
@@ -396,4 +397,6 @@ def test_loading_a_model_file_says_what_was_loaded(exported, caplog):
     SpeechCLIPPlus.from_pretrained(exported["models"]["hplus"]["file"])
     assert "initialized randomly" not in caplog.text
     loaded = [r.getMessage() for r in caplog.records if r.name == "speechclip_plus.models.clip"]
-    assert any(m.endswith("weight tensor(s) loaded from the model's state dict") for m in loaded), loaded
+    counts = [re.search(r": (\d+) of its (\d+) tensors loaded from the model's state dict$", m) for m in loaded]
+    counts = [c.groups() for c in counts if c]
+    assert len(counts) == 1 and counts[0][0] == counts[0][1], loaded  # every CLIP tensor came from the file

@@ -267,7 +267,8 @@ class FrozenCLIP(nn.Module):
         """Say what a ``load_state_dict`` brings to the CLIP (a model file or checkpoint holding its weights)."""
         n = sum(1 for k in state_dict if k.startswith(prefix + "clip."))
         if n:
-            log.info("CLIP %s: %d weight tensor(s) loaded from the model's state dict", module.name, n)
+            total = sum(1 for k in module.state_dict() if k.startswith("clip."))
+            log.info("CLIP %s: %d of its %d tensors loaded from the model's state dict", module.name, n, total)
 
     def _refresh_maps(self) -> None:
         """Rebuild the derived maps from ``vocab_ids`` (also after ``load_state_dict``)."""
