@@ -5,7 +5,9 @@ Usage counts: each caption is normalised (``normalize_caption``), tokenised with
 occurrence is counted, so SOT and EOT count once per caption. A caption longer than the 77-token context is
 an error (never truncated). Tokens are ordered by count descending, then id ascending.
 
-Difference from the reference (reference.md §3.3): it tokenises to fixed 77-token rows and counts the zero
+Difference from the reference (``avssl/data/flickr_stat/stat_textCLIP_input.py`` of atosystem/SpeechCLIP and
+ShampooWang/SpeechCLIP_plus, which made ``text_clip_vocab_usage_byfreq.npy``): it tokenises to fixed 77-token
+rows and counts the zero
 padding too, which puts pad id 0 (the token "!") first with a huge count. Padding is not text, so it is not
 counted here; id 0 appears only if "!" occurs in a caption. The keyword quantiser masks pad/SOT/EOT by id,
 so the file order does not matter to it.

@@ -1,11 +1,12 @@
 """The frozen CLIP: image/text encoders, the reduced keyword vocabulary and the keyword -> text-encoder path.
 
 Everything is open_clip's own (``create_model_and_transforms``, ``get_tokenizer``, the text transformer,
-``ln_final``, ``text_projection``, positional embedding); this module only adds the SpeechCLIP+ parts
-(reference.md §1.2, §3.3):
+``ln_final``, ``text_projection``, positional embedding); this module only adds the SpeechCLIP+ parts (the
+reference's ``ClipModel`` in ``avssl/module/clip_official.py`` of ShampooWang/SpeechCLIP_plus):
 - a *reduced vocabulary*: the original CLIP token ids seen in the training captions, in file order (by
   frequency). ``token_table`` (V, token_dim) holds their frozen embedding rows; the keyword quantiser picks
-  rows of it. ``special_mask`` marks pad (id 0), SOT and EOT by id, so they can never be picked (§9.6).
+  rows of it. ``special_mask`` marks pad (id 0), SOT and EOT by id, so they can never be picked (the
+  reference masks reduced positions 0, 2, 3, which are those tokens only in its own frequency-ordered files).
 - ``encode_keywords``: a prompt [SOT, kw_1 .. kw_K_b, EOT, pad ...] of continuous keyword vectors through the
   frozen text encoder, pooled at EOT. With keyword vectors equal to the embeddings of a sentence's tokens it
   equals ``encode_text`` of that sentence.
@@ -285,7 +286,8 @@ class FrozenCLIP(nn.Module):
     # ------------------------------------------------------------------ sizes and tables
     @property
     def embed_dim(self) -> int:
-        """Joint image/text embedding dim (= text_projection.shape[1], reference.md §9.16)."""
+        """Joint image/text embedding dim (= text_projection.shape[1]; equal to the token width only for some
+        CLIPs, e.g. ViT-B/32 and ViT-L/14, which the reference's parallel projection assumed)."""
         proj = self._text.text_projection
         return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
 
