@@ -222,6 +222,9 @@ def test_first_day(tmp_path):
     recipe = ws / "egs" / "mycorpus"
     (recipe / "local" / "data.sh").write_text(template_readme_block("bash", "# local/data.sh for a CSV manifest"))
     (recipe / "local" / "prepare_csv.py").write_text(template_readme_block("python", "# local/prepare_csv.py"))
+    if shutil.which("shellcheck"):
+        lint = run(["shellcheck", recipe / "local" / "data.sh"], recipe, env)
+        assert lint.returncode == 0, lint.stdout
 
     env["CORPUS"] = str(fake.root)
     args = ["--train_config", "conf/cpu_hplus.yaml", "--train_teacher", "true",
