@@ -162,11 +162,16 @@ def test_stage0_marks_done_only_after_every_set_validates(tmp_path):
         assert re.search(rf"data/{dset}/img.scp:1: {dset}img0: file not found", proc.stderr), tail(proc)
     assert '--validate_opts "--fix_dir"' in proc.stderr and "excluded.txt" in proc.stderr
     assert not (recipe / "data" / ".stage0.done").exists()
-    # the corpus script is fixed: the next run runs it again (no stale marker), validates and marks done
-    proc = run(stage0, recipe, dict(os.environ, BROKEN="0"))
+    # the corpus script is fixed: the next run runs it again (no stale marker), validates and marks done;
+    # --python reaches local/data.sh
+    python = tmp_path / "my-python"  # a wrapper, as a cluster's module system or a container would give
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    proc = run(stage0 + ["--python", python], recipe, dict(os.environ, BROKEN="0"))
     assert proc.returncode == 0, tail(proc)
     assert (recipe / "data" / ".stage0.done").exists()
-    assert len((recipe / "data_sh_runs.txt").read_text().splitlines()) == 2
+    runs = (recipe / "data_sh_runs.txt").read_text().splitlines()
+    assert len(runs) == 2 and runs[1] == f"local/data.sh ran with {python}"
     proc = run(stage0, recipe, dict(os.environ, BROKEN="0"))
     assert proc.returncode == 0 and "skipping local/data.sh, validating again" in proc.stdout, tail(proc)
     assert len((recipe / "data_sh_runs.txt").read_text().splitlines()) == 2

@@ -68,7 +68,7 @@ Usage: $0 --train_config <yaml> [options]
 Stages: 0 data, 1 audio format, 2 image-embedding cache, 3 vocabularies, 4 train, 5 score, 6 export.
 Options (current values):
   --stage \${stage}  --stop_stage \${stop_stage}  --skip_train \${skip_train}  --skip_eval \${skip_eval}
-  --python \${python}  --nj \${nj}  --ngpu \${ngpu}  --num_nodes \${num_nodes}  --node_rank \${node_rank}
+  --python "\${python}" (empty: found by path.sh)  --nj \${nj}  --ngpu \${ngpu}  --num_nodes \${num_nodes}  --node_rank \${node_rank}
   --master_addr \${master_addr}  --master_port \${master_port}  --dumpdir \${dumpdir}  --expdir \${expdir}
   --local_data_opts "\${local_data_opts}"
   --train_set \${train_set}  --valid_set \${valid_set}  --test_sets "\${test_sets}"
