@@ -8,6 +8,8 @@
         [--ngpu N | --nproc N] [--num_nodes M --node_rank K --master_addr HOST --master_port PORT] \\
         [--train.lr 1e-4 --model.cif.threshold 0.9 ...]
 
+Before training it warns when train.select_metric is a recall that the valid set cannot move (R@k is 1 for
+any model when the set has k images or fewer: eval.retrieval.selection_warning).
 Writes <exp_dir>/config.yaml (resolved, with the data paths), train.log (train.rank<k>.log per rank when
 distributed), tensorboard/, checkpoints/{last,best,step-N}.pt + metrics.jsonl, and run.sh (resumes the run).
 Several processes: --ngpu N (GPUs, NCCL) or --nproc N (CPU processes, gloo) re-launch this command under
