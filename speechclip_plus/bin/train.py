@@ -205,10 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ConfigError(f"{nproc} GPU(s) requested but {torch.cuda.device_count()} visible "
                                   "(use --ngpu 0 or --nproc N to train on CPU)")
         under_torchrun = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-        if os.environ.get(_CHILD_ENV) != "1" and os.environ.get("RANK", "0") == "0":
-            warn_small_valid_set(cfg)
         if (nproc > 1 or args.num_nodes > 1) and not under_torchrun:
-            return relaunch(args, argv, nproc, device)
+            return relaunch(args, argv, nproc, device, cfg)
         if not under_torchrun or int(os.environ.get("RANK", "0")) == 0:
             if os.environ.get(_CHILD_ENV) != "1":
                 launch = [] if device == "auto" else ["--device", device]
@@ -222,10 +220,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         print(f"error: cannot write to the experiment dir {args.exp_dir}: {e}", file=sys.stderr)
         return 3
+    if os.environ.get(_CHILD_ENV) != "1" and os.environ.get("RANK", "0") == "0":
+        warn_small_valid_set(cfg)
     return train(cfg, args.exp_dir, device, args.resume, progress=not args.no_progress)
 
 
-def relaunch(args, argv: Sequence[str], nproc: int, device: str) -> int:
+def relaunch(args, argv: Sequence[str], nproc: int, device: str, cfg: Optional[dict] = None) -> int:
     """Run this command under torchrun with ``nproc`` processes per node; returns torchrun's exit status."""
     from ..train.distributed import torchrun_command
 
@@ -241,6 +241,8 @@ def relaunch(args, argv: Sequence[str], nproc: int, device: str) -> int:
     if args.node_rank == 0:
         os.makedirs(args.exp_dir, exist_ok=True)
         write_run_sh(args.exp_dir, launch)
+        if cfg is not None:
+            warn_small_valid_set(cfg)
     child_args = _strip_launch_args(argv) + ["--device", device]
     cmd = torchrun_command(child_args, nproc, args.num_nodes, args.node_rank, args.master_addr, port)
     env = dict(os.environ, **{_CHILD_ENV: "1"})
