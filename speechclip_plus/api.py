@@ -405,6 +405,8 @@ def read_audio(path: PathLike) -> Tuple[torch.Tensor, int]:
     import soundfile as sf
 
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: audio file not found")
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001
@@ -574,6 +576,8 @@ class SpeechCLIPPlus:
         tensors = []
         for i, im in enumerate(items):
             if isinstance(im, (str, os.PathLike)):
+                if not os.path.isfile(im):
+                    raise FileNotFoundError(f"{os.fspath(im)}: image file not found")
                 try:
                     with Image.open(im) as f:
                         im = f.convert("RGB")

@@ -22,6 +22,10 @@ image with speech but outside the Karpathy split, a Karpathy image without speec
 ``make_plain(root)``: a third corpus in no known layout (``manifest.tsv``: split, image, wav, speaker, caption;
 22.05 kHz wavs, so stage 1 must resample), for the recipe made with egs/TEMPLATE/setup.sh.
 
+``make_csv(root)``: what a researcher brings on a first day: ``metadata.csv`` (header ``split,image,audio,
+speaker,caption``; captions with commas and double quotes, so csv quotes them), PNG images and audio in FLAC
+at 22.05 kHz and MP3 at 44.1 kHz (stage 1 converts both).
+
 Everything is a function of ``seed``. Requires espeak-ng (``have_espeak()``).
 """
 from __future__ import annotations
@@ -71,8 +75,8 @@ class Fake:
 
 
 # ----------------------------------------------------------------------------------------------- media
-def _image(path: Path, rng: random.Random, colour: str) -> None:
-    """A 40x40 JPEG: noisy background and a filled shape of ``colour``."""
+def _image(path: Path, rng: random.Random, colour: str, fmt: str = "JPEG") -> None:
+    """A 40x40 image (``fmt``: JPEG, PNG): noisy background and a filled shape of ``colour``."""
     side = 40
     base = np.full((side, side, 3), rng.randint(60, 190), np.float32)
     base += np.random.default_rng(rng.getrandbits(32)).normal(0, 12, (side, side, 1))
@@ -82,7 +86,7 @@ def _image(path: Path, rng: random.Random, colour: str) -> None:
     box = [x - r, y - r, x + r, y + r]
     (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=COLOURS[colour])
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="JPEG", quality=90)
+    img.save(path, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
 
 
 def _caption(rng: random.Random, colour: str, thing: str) -> str:
@@ -99,7 +103,8 @@ def _speak(text: str, voice: Tuple[str, int, int]) -> Tuple[np.ndarray, int]:
 
 
 def synthesize(jobs: Sequence[Tuple[Path, str, Tuple[str, int, int]]], sample_rate: int) -> None:
-    """Speak each ``(path, text, voice)``; write 16-bit PCM at ``sample_rate`` (resampled from espeak's rate)."""
+    """Speak each ``(path, text, voice)``; write it at ``sample_rate`` (resampled from espeak's rate) in the
+    format of the file extension: 16-bit PCM (WAV, FLAC) or MPEG layer III (``.mp3``)."""
     def one(job):
         path, text, voice = job
         wav, rate = _speak(text.rstrip(" ."), voice)
@@ -109,7 +114,7 @@ def synthesize(jobs: Sequence[Tuple[Path, str, Tuple[str, int, int]]], sample_ra
 
             wav = AF.resample(torch.from_numpy(wav), rate, sample_rate).clamp(-1, 1).numpy()
         path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(path), wav, sample_rate, subtype="PCM_16")
+        sf.write(str(path), wav, sample_rate, subtype=None if path.suffix == ".mp3" else "PCM_16")
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(one, jobs))
@@ -279,6 +284,47 @@ def make_plain(root: Path, per_split: Tuple[int, int, int] = (8, 3, 3), captions
             k += 1
     (root / "manifest.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     synthesize(jobs, sample_rate)
+    return Fake(root=root, utterances={s: captions * n for s, n in zip(("train", "dev", "test"), per_split)},
+                images=dict(zip(("train", "dev", "test"), per_split)), speakers=len(VOICES), texts=texts,
+                env={"CORPUS": str(root)})
+
+
+# ----------------------------------------------------------------------------------------------- CSV corpus
+CSV_FIELDS = ("split", "image", "audio", "speaker", "caption")
+
+
+def make_csv(root: Path, per_split: Tuple[int, int, int] = (6, 3, 3), captions: int = 2, seed: int = 0) -> Fake:
+    """``root/metadata.csv`` (``CSV_FIELDS``, paths relative to root) + ``images/*.png`` + ``audio/`` with the
+    captions of even-numbered images in FLAC at 22.05 kHz and the others in MP3 at 44.1 kHz. ``texts`` maps
+    an audio file name to its caption (whitespace as written)."""
+    import csv
+
+    rng = random.Random(f"csv:{seed}")
+    root = Path(root)
+    rows, jobs, texts = [], {22050: [], 44100: []}, {}
+    k = 0
+    for split, n in zip(("train", "dev", "test"), per_split):
+        for _ in range(n):
+            colour, thing = rng.choice(list(COLOURS)), rng.choice(THINGS)
+            image = f"images/photo {k:03d}.png"  # a space in the file name, as real corpora have
+            _image(root / image, rng, colour, fmt="PNG")
+            ext, rate = (".flac", 22050) if k % 2 == 0 else (".mp3", 44100)
+            for j in range(captions):
+                voice = (k + j) % len(VOICES)
+                audio = f"audio/photo{k:03d}_{j}{ext}"
+                cap = f'{_caption(rng, colour, thing).rstrip(" .")}, the "{colour}" one.'  # a comma, quotes
+                rows.append({"split": split, "image": image, "audio": audio, "speaker": f"reader{voice}",
+                             "caption": cap})
+                jobs[rate].append((root / audio, cap.replace('"', ""), VOICES[voice]))
+                texts[os.path.basename(audio)] = cap
+            k += 1
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    for rate, rate_jobs in jobs.items():
+        synthesize(rate_jobs, rate)
     return Fake(root=root, utterances={s: captions * n for s, n in zip(("train", "dev", "test"), per_split)},
                 images=dict(zip(("train", "dev", "test"), per_split)), speakers=len(VOICES), texts=texts,
                 env={"CORPUS": str(root)})

@@ -219,37 +219,89 @@ def test_results_table_columns_and_by_k_table():
     assert by_k[3][:3] == ["17+", "1", "20.00"] and by_k[3][5] == "100.00" and by_k[3][3] == "-"
 
 
+def _md_tables(md: str):
+    """The Markdown tables of a RESULTS.md, each as {first cell: row line}, in order."""
+    tables, current = [], None
+    for line in md.splitlines():
+        if line.startswith("|-"):
+            continue
+        if line.startswith("| "):
+            if current is None:
+                current = {"header": line}
+                tables.append(current)
+            else:
+                current[line.split("|")[1].strip()] = line
+        else:
+            current = None
+    return tables
+
+
 def test_results_md_table_and_plots(scored):
+    from speechclip_plus.eval.retrieval import chance_recall
+
     md = (scored["exp"] / "RESULTS.md").read_text()
     assert md.count("## test: best.pt (step 2)") == 1
-    tables = [t for t in md.split("\n\n") if t.startswith("| ")]
-    rows = tables[0].splitlines()  # one row per branch
-    k_tables = [t for t in tables if t.startswith("| K ")]  # keywords per K bin
-    assert len(k_tables) == 1
-    k_rows = k_tables[0].splitlines()
-    assert rows[0].startswith("| branch") and "S→I R@1" in rows[0] and "kw subword hit" in rows[0]
-    body = {r.split("|")[1].strip(): r for r in rows[2:]}
-    assert set(body) == {"parallel *", "cascaded", "combined"}
+    images, k_table, texts = _md_tables(md)  # per branch; keywords per K bin; speech <-> text
+    assert images["header"].startswith("| branch") and "S→I R@1" in images["header"]
+    assert "kw subword hit" in images["header"]
+    assert set(images) - {"header"} == {"parallel *", "cascaded", "combined", "chance"}
     res = json.loads((scored["out"] / "results.json").read_text())
     r1 = f"{100 * res['retrieval']['cascaded']['speech_to_image_r1']:.2f}"
-    assert body["cascaded"].split("|")[2].strip() == r1
+    assert images["cascaded"].split("|")[2].strip() == r1
     dup = f"{100 * res['keywords']['duplicate_rate']:.2f}"
-    assert dup in body["cascaded"] and body["parallel *"].rstrip(" |").endswith("-")
+    assert dup in images["cascaded"] and images["parallel *"].rstrip(" |").endswith("-")
     cover = f"{100 * res['keywords']['coverage']:.2f}"
-    assert cover in body["cascaded"]
-    assert k_rows[0].startswith("| K ") and "adj repeat" in k_rows[0]
-    by_k = {r.split("|")[1].strip(): r for r in k_rows[2:]}
+    assert cover in images["cascaded"]
+    assert k_table["header"].startswith("| K ") and "adj repeat" in k_table["header"]
+    by_k = {k: v for k, v in k_table.items() if k != "header"}
     assert list(by_k) == list(res["keywords"]["by_k"])  # one row per bin, in order
     for label, line in by_k.items():
         assert line.split("|")[2].strip() == str(res["keywords"]["by_k"][label]["n_utterances"])
+    # the chance row: 3 images with 2 utterances each (S->I R@1 = 1/3; I->S R@1 = 2/6; R@5 is 1 for any model)
+    assert res["chance"]["retrieval"] == chance_recall([0, 0, 1, 1, 2, 2])
+    assert [c.strip() for c in images["chance"].split("|")[2:8]] == ["33.33", "100.00", "100.00"] * 2
+    # zero-shot speech <-> text: its own table with the branches in CLIP's space and a chance row
+    assert "S→T R@1" in texts["header"] and "T→S R@10" in texts["header"]
+    assert set(texts) - {"header"} == {"parallel", "cascaded", "chance"}
+    s2t = f"{100 * res['text_retrieval']['cascaded']['speech_to_text_r5']:.2f}"
+    assert texts["cascaded"].split("|")[3].strip() == s2t
+    assert "SpeechCLIP's zero-shot number" in md
 
     plots = sorted(os.listdir(scored["out"] / "plots"))
     utts = _utts(scored["data"])
     assert plots == sorted([f"cif_{utts[0]}.png", f"cif_{utts[1]}.png", "retrieval_parallel.png",
-                            "keywords_by_k.png"])
+                            "keywords_by_k.png", "text_retrieval_parallel.png"])
     for p in plots:
         assert (scored["out"] / "plots" / p).read_bytes()[:4] == b"\x89PNG"
     assert sorted(res["plots"]) == [f"plots/{p}" for p in plots]
+
+
+def test_text_retrieval_equals_api_embeddings_against_clip_text(scored):
+    """results.json's speech <-> text recall = recall_at_k of the API's speech embeddings against the API's
+    CLIP text embeddings of the distinct transcriptions; repeated captions are one candidate."""
+    from speechclip_plus import SpeechCLIPPlus
+    from speechclip_plus.eval.retrieval import recall_at_k
+    from speechclip_plus.eval.scoring import text_matrix
+
+    res = json.loads((scored["out"] / "results.json").read_text())
+    assert set(res["text_retrieval"]) == {"parallel", "cascaded"}  # combined is not in CLIP's text space
+    api = SpeechCLIPPlus.from_pretrained(scored["exp"])
+    data = scored["data"]
+    text = dict(line.split(" ", 1) for line in (data / "text").read_text().splitlines())
+    captions = [text[u].rstrip(".") for u in _utts(data)]
+    distinct = sorted(set(captions))
+    assert res["n_texts"] == len(distinct) == 6
+    txt = api.embed_text(distinct)
+    s2t = torch.tensor([distinct.index(c) for c in captions])
+    for branch in ("parallel", "cascaded"):
+        speech = api.embed_speech(_wav_paths(data), branch=branch, batch_size=1)
+        expected = recall_at_k(speech, txt, s2t, ks=(1, 5, 10), names=("speech_to_text", "text_to_speech"))
+        assert res["text_retrieval"][branch] == pytest.approx(expected, abs=1e-9), branch
+    # duplicates: the same CLIP tokens (case, spacing, a final period) make one candidate
+    unique, emb, rows = text_matrix(api.model, ["A dog runs.", "a  dog RUNS", "A cat", "A dog runs"])
+    assert unique == ["A dog runs", "A cat"] and rows.tolist() == [0, 0, 1, 0]
+    assert emb.shape == (2, api.embed_dim)
+    assert torch.allclose(emb[0], api.embed_text("a dog runs")[0], atol=1e-6)
 
 
 def test_rescoring_replaces_its_section_and_untrained_adds_one(scored):

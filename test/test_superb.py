@@ -197,6 +197,38 @@ def test_s3prl_upstream_finds_registered_entry(expert, model_file, registered):
     assert hs.shape == (2, all_hs[0].shape[1], expert.model.upstream.hidden_dim)
 
 
+def test_fine_tuning_reaches_only_the_trainable_frame_encoder(expert):
+    """What s3prl's ``-f`` (upstream trainable) trains: the runner puts the expert in train mode and hands all
+    its parameters to the optimiser; gradients reach the layer weights, the CLS tokens and the attention block
+    (the last hidden state), never the frozen trunk or CLIP (requires_grad False), nor the branch heads."""
+    expert.train()
+    try:
+        states = expert([_wave(16000, 12), _wave(9000, 13)])["hidden_states"]
+        sum(h.float().pow(2).mean() for h in states).backward()
+    finally:
+        expert.eval()
+    with_grad = {n for n, p in expert.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    frozen = {n for n, p in expert.model.named_parameters() if not p.requires_grad}
+    try:
+        assert {n.split(".")[0] for n in with_grad} == {"upstream", "cls", "encoder"}
+        assert {n for n in with_grad if n.startswith("upstream.")} == {"upstream.layer_weights"}
+        assert all(n.startswith(("upstream.upstream.", "clip.")) for n in frozen) and frozen
+        assert not any(n.startswith(("upstream.upstream.", "clip.")) for n in with_grad)
+    finally:
+        expert.model.zero_grad(set_to_none=True)
+
+
+def test_s3prl_upstream_is_left_in_train_mode(model_file, registered):
+    """``S3PRLUpstream(...)`` calls ``.train()`` on the upstream after probing it: call ``.eval()`` before
+    extracting features (the attention block's dropout would otherwise be on)."""
+    from s3prl.nn import S3PRLUpstream
+
+    with torch.random.fork_rng(devices=[]):
+        upstream = S3PRLUpstream("speechclip_plus_local", path_or_url=model_file)
+    assert upstream.upstream.model.encoder.training
+    assert not upstream.eval().upstream.model.encoder.training
+
+
 # ------------------------------------------------------------------------------------------ torch.hub entries
 def test_torch_hub_load_from_repo_dir(expert, model_file):
     loaded = torch.hub.load(str(REPO), "speechclip_plus", source="local", ckpt=model_file)

@@ -6,20 +6,30 @@
 Embeds the union of the data dirs' img.scp (an image id shared by two dirs must have the same path) into
 <out_dir>/img_embed.{ark,scp} (kaldiio, float32, L2-normalised). The CLIP model is --clip_name /
 --clip_pretrained, else model.clip.{name,pretrained} of the config (with dotted overrides), else the config
-defaults. --clip_pretrained none = random weights (tests only). Skipped when the scp already lists exactly
-these images, unless --overwrite.
+defaults. --clip_pretrained none = random weights (tests only).
+
+The cache is keyed by what it holds (``data.cache_key``): <out_dir>/cache_key.json records the CLIP key
+(architecture or model-config content, weights tag or sha256 of the weights file, quick_gelu, open_clip
+version) and the image list (ids, paths, sizes, mtimes). A later run with the same key reuses the cache and
+says so; any difference (other weights under the same file name included) recomputes it. --overwrite
+recomputes anyway.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from speechclip_plus.config import ConfigError, load_config
+from speechclip_plus.data.cache_key import clip_key, image_list_key
 from speechclip_plus.data.datadir import DataDir, DataError, parse_entries, read_kv
-from speechclip_plus.data.image_cache import SCP_NAME, compute_image_embeddings
+from speechclip_plus.io import atomic_write_text
+
+SCP_NAME = "img_embed.scp"  # as data.image_cache.SCP_NAME (not imported here: that module loads torch)
+KEY_NAME = "cache_key.json"
 
 
 def _up_to_date(scp: str, ids) -> bool:
@@ -32,6 +42,19 @@ def _up_to_date(scp: str, ids) -> bool:
         return False
     arks = {v.rsplit(":", 1)[0] for v in entries.values()}
     return set(entries) == set(ids) and all(os.path.isfile(a) for a in arks)
+
+
+def _saved_key(out_dir: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(os.path.join(out_dir, KEY_NAME), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_weights(key: Dict[str, Any]) -> str:
+    w = key["clip"]["weights"]
+    return f"{w[:7 + 16]}..." if w.startswith("sha256:") else w
 
 
 def gather_images(data_dirs: List[str]) -> Dict[str, str]:
@@ -83,19 +106,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         if pretrained is not None and pretrained.lower() in ("none", "null", ""):
             pretrained = None
         images = gather_images(args.data_dir)
-        if not args.overwrite and _up_to_date(os.path.join(args.out_dir, SCP_NAME), images):
-            logging.info("%d image embedding(s) already in %s: skipped", len(images), args.out_dir)
+        key = {"clip": clip_key(name, pretrained, clip_cfg["quick_gelu"]), "images": image_list_key(images)}
+        scp = os.path.join(args.out_dir, SCP_NAME)
+        saved = _saved_key(args.out_dir)
+        if not args.overwrite and saved == key and _up_to_date(scp, images):
+            logging.info("reusing %s (same CLIP weights %s, same %d images)", args.out_dir, _describe_weights(key),
+                         len(images))
             return 0
+        if saved is not None and saved != key:
+            changed = [part for part in ("clip", "images") if saved.get(part) != key[part]]
+            logging.info("recomputing %s: its %s changed", args.out_dir,
+                         " and ".join({"clip": "CLIP", "images": "image list"}[p] for p in changed))
         import torch
 
+        from speechclip_plus.data.image_cache import compute_image_embeddings
         from speechclip_plus.models.clip import FrozenCLIP
 
-        clip = FrozenCLIP(name, pretrained).to(torch.device(args.device))
+        clip = FrozenCLIP(name, pretrained, quick_gelu=clip_cfg["quick_gelu"]).to(torch.device(args.device))
         logging.info("CLIP %s (weights: %s) on %d image(s) of %s", name, pretrained or "random", len(images),
                      " ".join(args.data_dir))
+        key_path = os.path.join(args.out_dir, KEY_NAME)
+        if os.path.exists(key_path):  # the key goes first, so a key never describes other embeddings
+            os.remove(key_path)
         compute_image_embeddings(images, lambda x: clip.encode_image(x).float().cpu(), clip.preprocess,
                                  args.out_dir, batch_size=args.batch_size, progress=not args.no_progress,
                                  labels=image_labels(args.data_dir))
+        atomic_write_text(key_path, json.dumps(key, indent=1, sort_keys=True) + "\n")
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ atomically as PNG.
   right, the correct one framed green.
 - ``plot_keyword_metrics_by_k``: keyword metrics (``keywords.keyword_metrics``' ``by_k``) against the K bin, one
   panel per metric in percent and a last panel with the utterances per bin, one line per model (e.g. c and c+).
+- ``plot_text_retrieval_examples``: one block per spoken query (its caption as the heading), its top retrieved
+  texts numbered below, the correct one in bold green.
 
 Output size in pixels is fixed by the arguments (``figsize * dpi``; no tight bounding box).
 """
@@ -208,4 +210,40 @@ def plot_keyword_metrics_by_k(path: str, series: Mapping[str, Mapping[str, Mappi
     for ax in axes[len(panels):]:
         ax.axis("off")
     axes[0].legend(fontsize=8)
+def plot_text_retrieval_examples(path: str, queries: Sequence[Tuple[str, Sequence[str], Optional[int]]],
+                                 title: str = "", width_inches: float = 10.0, line_inches: float = 0.28,
+                                 dpi: float = 100) -> None:
+    """Text retrieval examples: ``queries`` holds ``(caption, top texts, correct index or None)`` per spoken
+    query. The figure is ``width_inches`` wide and ``line_inches`` per text line (+ a heading line per query
+    and one for ``title``) high, times ``dpi`` pixels."""
+    if not queries:
+        raise ValueError(f"{path}: no queries to plot")
+    for r, query in enumerate(queries):
+        if len(query) != 3:
+            raise ValueError(f"{path}: query {r} must be (caption, texts, correct index or None)")
+        if not query[1]:
+            raise ValueError(f"{path}: query {r} has no texts")
+        if query[2] is not None and not 0 <= int(query[2]) < len(query[1]):
+            raise ValueError(f"{path}: query {r}: correct index {query[2]} outside 0..{len(query[1]) - 1}")
+    n_lines = sum(1 + len(q[1]) for q in queries) + (1 if title else 0) + len(queries) - 1
+    height = line_inches * (n_lines + 1)
+    fig = Figure(figsize=(width_inches, height), dpi=dpi)
+    chars = int(13 * width_inches)
+    y = 1.0 - 0.5 / (n_lines + 1)
+    step = 1.0 / (n_lines + 1)
+    if title:
+        fig.text(0.01, y, textwrap.shorten(title, width=chars, placeholder=" ..."), fontsize=10, va="center",
+                 fontweight="bold")
+        y -= step
+    for r, (caption, texts, correct) in enumerate(queries):
+        fig.text(0.01, y, textwrap.shorten(f"spoken: {caption}", width=chars, placeholder=" ..."), fontsize=9,
+                 va="center", style="italic")
+        y -= step
+        for c, text in enumerate(texts):
+            hit = correct is not None and c == int(correct)
+            fig.text(0.03, y, textwrap.shorten(f"#{c + 1}  {text}", width=chars - 4, placeholder=" ..."),
+                     fontsize=9, va="center", color="green" if hit else "black",
+                     fontweight="bold" if hit else "normal")
+            y -= step
+        y -= step if r < len(queries) - 1 else 0
     _save(fig, path, dpi)

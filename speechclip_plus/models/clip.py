@@ -1,12 +1,12 @@
 """The frozen CLIP: image/text encoders, the reduced keyword vocabulary and the keyword -> text-encoder path.
 
 Everything is open_clip's own (``create_model_and_transforms``, ``get_tokenizer``, the text transformer,
-``ln_final``, ``text_projection``, positional embedding); this module only adds the SpeechCLIP+ parts
-(as ``avssl/module/clip_official.py`` of ShampooWang/SpeechCLIP_plus):
+``ln_final``, ``text_projection``, positional embedding); this module only adds the SpeechCLIP+ parts (the
+reference's ``ClipModel`` in ``avssl/module/clip_official.py`` of ShampooWang/SpeechCLIP_plus):
 - a *reduced vocabulary*: the original CLIP token ids seen in the training captions, in file order (by
   frequency). ``token_table`` (V, token_dim) holds their frozen embedding rows; the keyword quantiser picks
-  rows of it. ``special_mask`` marks pad (id 0), SOT and EOT by id, so they can never be picked (the reference masks
-  the reduced positions [0, 2, 3], right only for its frequency-sorted files).
+  rows of it. ``special_mask`` marks pad (id 0), SOT and EOT by id, so they can never be picked (the
+  reference masks reduced positions 0, 2, 3, which are those tokens only in its own frequency-ordered files).
 - ``encode_keywords``: a prompt [SOT, kw_1 .. kw_K_b, EOT, pad ...] of continuous keyword vectors through the
   frozen text encoder, pooled at EOT. With keyword vectors equal to the embeddings of a sentence's tokens it
   equals ``encode_text`` of that sentence.
@@ -14,7 +14,9 @@ Everything is open_clip's own (``create_model_and_transforms``, ``get_tokenizer`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 PAD_ID = 0  # open_clip's tokenizer pads with id 0 ("!")
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -110,6 +114,30 @@ def save_vocab_usage(path: PathLike, ids: Sequence[int], counts: Sequence[int]) 
 
 
 # ---------------------------------------------------------------------------------------------- model
+class _DropMessage(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """open_clip warns on the root logger that a model built without pretrained weights is "initialized
+    randomly"; FrozenCLIP says itself what it loads, so that line is left out while the model is built."""
+    drop = _DropMessage("No pretrained weights loaded for model")
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _resolve_model_name(name: str) -> str:
     """open_clip architecture name; a ``.json`` model config is registered with open_clip under its stem."""
     import open_clip
@@ -177,9 +205,14 @@ class FrozenCLIP(nn.Module):
                 f"CLIP pretrained='{pretrained}' is neither an open_clip tag of {model_name} "
                 f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'}) nor a file"
             )
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, force_quick_gelu=bool(quick_gelu)
-        )
+        with _without_random_init_warning():
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, force_quick_gelu=bool(quick_gelu)
+            )
+        if pretrained:
+            log.info("CLIP %s: weights %s", name, pretrained)
+        else:
+            log.info("CLIP %s: built without pretrained weights (random until a state dict is loaded)", name)
         self.name = str(name)
         self.quick_gelu = bool(quick_gelu or model_cfg.get("quick_gelu", False))
         self.clip = clip
@@ -212,6 +245,7 @@ class FrozenCLIP(nn.Module):
         self.register_buffer("_special_mask", torch.empty(0, dtype=torch.bool), persistent=False)
         self._refresh_maps()
         self.register_load_state_dict_post_hook(FrozenCLIP._after_load)
+        self.register_load_state_dict_pre_hook(FrozenCLIP._log_loaded)
 
     # ------------------------------------------------------------------ setup helpers
     def _vocab_ids(self, vocab) -> List[int]:
@@ -239,6 +273,14 @@ class FrozenCLIP(nn.Module):
     def _after_load(module: "FrozenCLIP", incompatible_keys) -> None:
         module._refresh_maps()
 
+    @staticmethod
+    def _log_loaded(module: "FrozenCLIP", state_dict, prefix, *args) -> None:
+        """Say what a ``load_state_dict`` brings to the CLIP (a model file or checkpoint holding its weights)."""
+        n = sum(1 for k in state_dict if k.startswith(prefix + "clip."))
+        if n:
+            total = sum(1 for k in module.state_dict() if k.startswith("clip."))
+            log.info("CLIP %s: %d of its %d tensors loaded from the model's state dict", module.name, n, total)
+
     def _refresh_maps(self) -> None:
         """Rebuild the derived maps from ``vocab_ids`` (also after ``load_state_dict``)."""
         ids = self.vocab_ids
@@ -254,8 +296,8 @@ class FrozenCLIP(nn.Module):
     # ------------------------------------------------------------------ sizes and tables
     @property
     def embed_dim(self) -> int:
-        """Joint image/text embedding dim (= text_projection.shape[1]; the reference uses the token width, which
-        equals it only for ViT-B/32 and ViT-L/14)."""
+        """Joint image/text embedding dim (= text_projection.shape[1]; equal to the token width only for some
+        CLIPs, e.g. ViT-B/32 and ViT-L/14, which the reference's parallel projection assumed)."""
         proj = self._text.text_projection
         return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (local/data.sh) $*"; }
 
 out_dir=data          # parent of the data dirs (relative to the recipe dir)
-python=python3        # interpreter with speechclip_plus installed
+python=""             # interpreter; empty: the one ../TEMPLATE/path.sh finds (the engine's --python)
 
 # shellcheck disable=SC1091
 . ./db.sh
@@ -24,6 +24,8 @@ if [ $# -ne 0 ]; then
     echo "${help_message}" >&2
     exit 2
 fi
+# shellcheck disable=SC1091
+. ../TEMPLATE/path.sh
 
 log "Flickr8k: ${FLICKR8K} -> ${out_dir}/{train,dev,test}"
 "${python}" local/prepare_flickr8k.py --root "${FLICKR8K}" --out_dir "${out_dir}"

@@ -10,7 +10,7 @@ log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (local/data.sh) $*"; }
 
 out_dir=data          # parent of the data dirs (relative to the recipe dir)
 split_source=auto     # auto | karpathy (dataset_coco.json) | ksplit (SpokenCOCO_ksplit_*.json)
-python=python3        # interpreter with speechclip_plus installed
+python=""             # interpreter; empty: the one ../TEMPLATE/path.sh finds (the engine's --python)
 
 # shellcheck disable=SC1091
 . ./db.sh
@@ -27,6 +27,8 @@ if [ $# -ne 0 ]; then
     echo "${help_message}" >&2
     exit 2
 fi
+# shellcheck disable=SC1091
+. ../TEMPLATE/path.sh
 
 log "SpokenCOCO: ${SPOKENCOCO} + ${MSCOCO} (split: ${split_source}) -> ${out_dir}/{train,dev,test}"
 "${python}" local/prepare_spokencoco.py --spokencoco "${SPOKENCOCO}" --mscoco "${MSCOCO}" \
