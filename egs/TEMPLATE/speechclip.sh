@@ -44,6 +44,8 @@ spm_vocab_size=500      # sentencepiece BPE size (the spm CIF target and subword
 image_batch_size=64     # images per batch in stage 2
 validate_opts=""        # options for speechclip_plus.bin.validate_data (e.g. "--fix_dir --check_images")
 format_audio_opts=""    # options for speechclip_plus.bin.format_audio (e.g. "--skip_bad")
+skip_bad=false          # true: stages 0-2 leave out bad wavs, images and captions, each listed by name in
+                        # data/<set>/excluded.txt, instead of stopping (see docs/reliability.md)
 
 # Training / scoring options
 train_config=""         # model + training YAML (required)
@@ -62,7 +64,7 @@ Options (current values):
   --master_addr \${master_addr}  --master_port \${master_port}  --dumpdir \${dumpdir}  --expdir \${expdir}
   --local_data_opts "\${local_data_opts}"
   --train_set \${train_set}  --valid_set \${valid_set}  --test_sets "\${test_sets}"
-  --validate_opts "\${validate_opts}"  --format_audio_opts "\${format_audio_opts}"
+  --validate_opts "\${validate_opts}"  --format_audio_opts "\${format_audio_opts}"  --skip_bad \${skip_bad}
   --vocab_source \${vocab_source}  --spm_vocab_size \${spm_vocab_size}  --image_batch_size \${image_batch_size}
   --train_config \${train_config}  --train_args "\${train_args}"  --tag "\${tag}"
   --score_opts "\${score_opts}"  --resume \${resume}
@@ -82,6 +84,14 @@ if [ -z "${train_config}" ]; then
     exit 2
 fi
 [ -f "${train_config}" ] || { echo "$0: --train_config ${train_config}: no such file" >&2; exit 2; }
+
+# --skip_bad (the data-integrity policy): passed to stage 0's local/data.sh as "--skip_bad true" and to
+# stages 1-2 as "--skip_bad"; nothing is passed when false, so a local/data.sh without the option still runs.
+case "${skip_bad}" in
+    true) data_skip_bad=(--skip_bad true); tool_skip_bad=(--skip_bad) ;;
+    false) data_skip_bad=(); tool_skip_bad=() ;;
+    *) echo "$0: --skip_bad must be true or false, got '${skip_bad}'" >&2; exit 2 ;;
+esac
 
 token_list=data/token_list
 vocab_file=${token_list}/clip_vocab_usage.txt
@@ -120,7 +130,7 @@ all_sets="${train_set} ${valid_set} ${test_sets}"
 if run_stage 0; then
     log "Stage 0: corpus -> Kaldi data dirs: data/{${all_sets// /,}}"
     # shellcheck disable=SC2086
-    done_or_run data/.stage0.done local/data.sh ${local_data_opts}
+    done_or_run data/.stage0.done local/data.sh "${data_skip_bad[@]}" ${local_data_opts}
     for dset in ${all_sets}; do
         # shellcheck disable=SC2086
         ${python} -m speechclip_plus.bin.validate_data ${validate_opts} "data/${dset}"
@@ -133,7 +143,7 @@ if run_stage 1; then
         # shellcheck disable=SC2086
         done_or_run "data/${dset}/.stage1.done" \
             ${python} -m speechclip_plus.bin.format_audio --data_dir "data/${dset}" \
-                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}" ${format_audio_opts}
+                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}" "${tool_skip_bad[@]}" ${format_audio_opts}
     done
 fi
 
@@ -143,7 +153,8 @@ if run_stage 2; then
         # shellcheck disable=SC2086
         done_or_run "${cache_dir}/${dset}/.done" \
             ${python} -m speechclip_plus.bin.embed_images --config "${train_config}" ${train_args} \
-                --data_dir "data/${dset}" --out_dir "${cache_dir}/${dset}" --batch_size "${image_batch_size}"
+                --data_dir "data/${dset}" --out_dir "${cache_dir}/${dset}" --batch_size "${image_batch_size}" \
+                --nj "${nj}" "${tool_skip_bad[@]}"
     done
 fi
 
