@@ -99,9 +99,8 @@ def _speak(text: str, voice: Tuple[str, int, int]) -> Tuple[np.ndarray, int]:
     return (wav if wav.ndim == 1 else wav.mean(axis=1)), rate
 
 
-def _hum(text: str, voice: Tuple[str, int, int]) -> Tuple[np.ndarray, int]:
+def _hum(text: str, voice: Tuple[str, int, int], rate: int) -> Tuple[np.ndarray, int]:
     """A stand-in for speech when only the files matter: a tone whose pitch and length follow voice and text."""
-    rate = 16000
     t = np.arange(int(rate * (0.3 + 0.02 * len(text)))) / rate
     return (0.3 * np.sin(2 * np.pi * (2 * voice[2] + 3 * len(text)) * t)).astype(np.float32), rate
 
@@ -111,7 +110,7 @@ def synthesize(jobs: Sequence[Tuple[Path, str, Tuple[str, int, int]]], sample_ra
     PCM at ``sample_rate`` (resampled from espeak's rate)."""
     def one(job):
         path, text, voice = job
-        wav, rate = (_speak if speech else _hum)(text.rstrip(" ."), voice)
+        wav, rate = _speak(text.rstrip(" ."), voice) if speech else _hum(text.rstrip(" ."), voice, sample_rate)
         if rate != sample_rate:
             import torch
             import torchaudio.functional as AF
@@ -258,7 +257,7 @@ def make_spokencoco(root: Path, n_train2014: int = 6, val2014: Tuple[int, int, i
 
 # ----------------------------------------------------------------------------------------------- plain corpus
 def make_plain(root: Path, per_split: Tuple[int, int, int] = (8, 3, 3), captions: int = 2, seed: int = 0,
-               sample_rate: int = 22050) -> Fake:
+               sample_rate: int = 22050, speech: bool = True) -> Fake:
     """``root/manifest.tsv`` (split, image, wav, speaker, caption; paths relative to root) + images/ + wavs/."""
     rng = random.Random(f"plain:{seed}")
     root = Path(root)
@@ -278,7 +277,7 @@ def make_plain(root: Path, per_split: Tuple[int, int, int] = (8, 3, 3), captions
                 texts[os.path.basename(wav)] = cap
             k += 1
     (root / "manifest.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    synthesize(jobs, sample_rate)
+    synthesize(jobs, sample_rate, speech)
     return Fake(root=root, utterances={s: captions * n for s, n in zip(("train", "dev", "test"), per_split)},
                 images=dict(zip(("train", "dev", "test"), per_split)), speakers=len(VOICES), texts=texts,
                 env={"CORPUS": str(root)})

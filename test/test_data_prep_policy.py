@@ -18,6 +18,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -183,3 +185,34 @@ def test_sets_that_were_not_asked_for_are_left_alone(clean, tmp_path):
     assert PREPARE["flickr8k"].main(_args("flickr8k", bad.fake, out, "--sets", "test")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["local", "test"]
     assert set(DataDir(out / "test").utts) == set(EXPECTED["flickr8k"]["test"]["wav.scp"])
+
+
+def test_the_template_readme_prepare_py_follows_the_policy(tmp_path):
+    """The local/prepare.py of egs/TEMPLATE/README.md, run as written on a manifest-described corpus: valid data
+    dirs; a missing wav stops it naming the utterance and the manifest line; --skip_bad true lists it."""
+    text = (REPO / "egs" / "TEMPLATE" / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(#!/usr/bin/env python3\n.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "egs/TEMPLATE/README.md should hold one example local/prepare.py"
+    script = tmp_path / "prepare.py"
+    script.write_text(blocks[0])
+    fake = fake_corpora.make_plain(tmp_path / "corpus", speech=False)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), "--corpus", str(fake.root), "--out_dir", str(out),
+                               *extra], env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    proc = run(tmp_path / "data", "--nj", "2")
+    assert proc.returncode == 0, proc.stderr
+    for s in SETS:
+        d = DataDir(tmp_path / "data" / s)
+        assert validate_data_dir(d.path) == [] and len(d) == fake.utterances[s] and len(d.img) == fake.images[s]
+    first = (fake.root / "manifest.tsv").read_text().splitlines()[0].split("\t")
+    (fake.root / first[2]).unlink()
+    utt = f"{first[3]}-{Path(first[2]).stem}"
+    proc = run(tmp_path / "bad")
+    assert proc.returncode == 1 and not (tmp_path / "bad").exists()
+    assert f"{fake.root}/manifest.tsv:1: {utt}: {fake.root / first[2]}: audio file not found" in proc.stderr
+    proc = run(tmp_path / "bad", "--skip_bad", "true")
+    assert proc.returncode == 0, proc.stderr
+    assert list(read_excluded(tmp_path / "bad" / first[0])) == [utt]
