@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import gc
 import glob
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from speechclip_plus.data.datadir import (
     EXCLUDED_FILE,
@@ -77,8 +79,7 @@ class CorpusFaults(DataError):
     """Stage 0 found faults and ``skip_bad`` is off: nothing was written."""
 
 
-@dataclass(frozen=True)
-class _Utt:
+class _Utt(NamedTuple):  # a tuple of strings: untracked by the garbage collector, small
     wav: str
     text: str
     speaker: str
@@ -105,22 +106,29 @@ def _media_problem(job: Tuple[str, str]) -> Optional[str]:
 
 
 def parallel_map(fn: Callable, items: Sequence, nj: int = 1, desc: str = "") -> List:
-    """``[fn(x) for x in items]`` in ``nj`` forked processes (in order; a progress bar on a terminal)."""
+    """``[fn(x) for x in items]`` in ``nj`` forked processes (in order; a progress bar on a terminal).
+
+    The parent's objects are frozen out of the garbage collector while the workers run (``gc.freeze``), so a
+    worker's collections neither walk nor copy-on-write the parent's heap, whatever its size.
+    """
     from tqdm import tqdm
 
     bar = tqdm(total=len(items), desc=desc, unit="file", disable=None, leave=False)
+    out = []
     if nj <= 1 or len(items) < 2:
-        out = []
         for x in items:
             out.append(fn(x))
             bar.update()
     else:
         chunk = max(1, min(256, len(items) // (4 * nj)))
-        with ProcessPoolExecutor(max_workers=nj, mp_context=multiprocessing.get_context("fork")) as ex:
-            out = []
-            for r in ex.map(fn, items, chunksize=chunk):
-                out.append(r)
-                bar.update()
+        gc.freeze()
+        try:
+            with ProcessPoolExecutor(max_workers=nj, mp_context=multiprocessing.get_context("fork")) as ex:
+                for r in ex.map(fn, items, chunksize=chunk):
+                    out.append(r)
+                    bar.update()
+        finally:
+            gc.unfreeze()
     bar.close()
     return out
 
@@ -348,8 +356,11 @@ class CorpusWriter:
         return excluded, local
 
 
+_TOKEN = re.compile(r"\S+")
+
+
 def _check_token(name: str, value: str) -> None:
-    if not value or any(c.isspace() for c in value):
+    if not _TOKEN.fullmatch(value):
         raise ValueError(f"{name} {value!r} must be non-empty without whitespace")
 
 
