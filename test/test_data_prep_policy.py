@@ -191,8 +191,9 @@ def test_the_template_readme_prepare_py_follows_the_policy(tmp_path):
     """The local/prepare.py of egs/TEMPLATE/README.md, run as written on a manifest-described corpus: valid data
     dirs; a missing wav stops it naming the utterance and the manifest line; --skip_bad true lists it."""
     text = (REPO / "egs" / "TEMPLATE" / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(#!/usr/bin/env python3\n.*?)```", text, flags=re.S)
-    assert len(blocks) == 1, "egs/TEMPLATE/README.md should hold one example local/prepare.py"
+    blocks = [b for b in re.findall(r"```python\n(#!/usr/bin/env python3\n.*?)```", text, flags=re.S)
+              if "CorpusWriter(" in b]
+    assert len(blocks) == 1, "egs/TEMPLATE/README.md should hold one example local/prepare.py on CorpusWriter"
     script = tmp_path / "prepare.py"
     script.write_text(blocks[0])
     fake = fake_corpora.make_plain(tmp_path / "corpus", speech=False)
