@@ -3,8 +3,9 @@
 A benchmark is a ``bench/*.py`` file with a ``__main__`` block (helpers such as ``cif_loop.py`` have none);
 known ones run in ``ORDER``, others after them alphabetically. Each prints its table on stdout (shown once it
 finishes) and, unless ``--no-write``, updates its own section of bench/RESULTS.md. Exit status 1 if any
-benchmark fails or exceeds ``--timeout``; the summary lists each one's status and wall time. With the defaults
-the whole run took under 6 minutes on the project's loaded 2-core machine (budget: 10).
+benchmark fails or exceeds ``--timeout`` (``LONG`` ones: their own limit); the summary lists each one's status and
+wall time. With the defaults the short ones took under 6 minutes on the project's loaded 2-core machine (budget:
+10); ``data_stages`` (corpus scale, ``LONG``) takes longer on its own.
 
 ``--quick``: small sizes for a smoke test (about 5 minutes there); implies ``--no-write`` so quick figures never
 replace the recorded ones.
@@ -22,8 +23,10 @@ from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ORDER = ("retrieval", "cif", "train_step", "dataload")
+ORDER = ("retrieval", "cif", "train_step", "dataload", "data_stages")
 BUDGET_S = 600.0
+# Corpus-scale benchmarks: their own time limit (seconds, instead of --timeout) and outside the budget.
+LONG = {"data_stages": 2400.0}
 
 # Options that shrink a benchmark for --quick, where it has no --quick of its own.
 QUICK = {
@@ -101,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in names:
         opts = options(name, args.quick, args.no_write)
         print(f"\n=== {name} {' '.join(opts)}".rstrip(), flush=True)
-        r = run(name, opts, args.timeout)
+        r = run(name, opts, max(args.timeout, LONG.get(name, 0.0)))
         results.append(r)
         print(r["stdout"].rstrip(), flush=True)
         if r["status"] != "ok":
@@ -109,11 +112,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"=== {name}: {r['status']} in {r['seconds']:.0f} s", flush=True)
 
     total = sum(r["seconds"] for r in results)
+    budgeted = sum(r["seconds"] for r in results if r["name"] not in LONG)
     print("\n| benchmark | status | seconds |\n|---|---|---:|")
     for r in results:
         print(f"| {r['name']} | {r['status']} | {r['seconds']:.0f} |")
     print(f"| total | | {total:.0f} |")
-    note = "" if total <= BUDGET_S else f" (over the {BUDGET_S / 60:.0f}-minute budget)"
+    note = "" if budgeted <= BUDGET_S else f" (over the {BUDGET_S / 60:.0f}-minute budget of the short ones)"
     print(f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end{note}")
     failed = [r["name"] for r in results if r["status"] != "ok"]
     if failed:

@@ -61,10 +61,27 @@ CORPUS=\${CORPUS:-downloads/${name}}"
 write "${dir}/local/data.sh" "#!/usr/bin/env bash
 # Stage 0 of ${name}: turn the corpus into Kaldi data dirs data/{train,dev,test}/ holding wav.scp, text,
 # utt2spk, spk2utt, utt2img, img.scp (absolute paths, sorted with LC_ALL=C). See egs/TEMPLATE/README.md.
+#
+# Nothing is left out silently (egs/TEMPLATE/README.md, \"Data integrity\"): a known quirk of the corpus is
+# skipped and listed in data/local/skipped.tsv; anything else that would leave out a wav, image or caption
+# stops this script with exit 1 and a line naming its file and item, unless --skip_bad true, which leaves it
+# out and lists it in data/<set>/excluded.txt. speechclip_plus.data.corpus.CorpusWriter does all of that: write
+# local/prepare.py around it (the README has one for a TSV manifest) and replace the last two lines with
+#   \"\${python}\" local/prepare.py --corpus \"\${CORPUS}\" --out_dir data --skip_bad \"\${skip_bad}\" --nj \"\${nj}\"
 set -euo pipefail
 cd \"\$(dirname \"\$0\")/..\"
+
+# shellcheck disable=SC2034  # used once local/prepare.py is called
+skip_bad=false   # true: leave out bad wavs, images and captions (listed in data/<set>/excluded.txt)
+# shellcheck disable=SC2034
+nj=2             # processes for checking every wav header and image
+# shellcheck disable=SC2034
+python=python3   # interpreter with speechclip_plus installed
+
 # shellcheck disable=SC1091
 . ./db.sh
+# shellcheck disable=SC1091
+. ${rel}/../../utils/parse_options.sh
 echo \"\$0: not written yet: read \${CORPUS} and create data/<set>/ (see egs/TEMPLATE/README.md)\" >&2
 exit 1"
 

@@ -48,6 +48,8 @@ train_teacher=false     # true: stage 2 first trains a tiny CLIP teacher into mo
 teacher_opts=""         # options for that teacher (egs/mini/local/train_clip.py), e.g. "--steps 300"
 validate_opts=""        # options for speechclip_plus.bin.validate_data (e.g. "--fix_dir --check_images")
 format_audio_opts=""    # options for speechclip_plus.bin.format_audio (e.g. "--skip_bad")
+skip_bad=false          # true: stages 0-2 leave out bad wavs, images and captions, each listed by name in
+                        # data/<set>/excluded.txt, instead of stopping (see docs/reliability.md)
 
 # Training / scoring options
 train_config=""         # model + training YAML (required)
@@ -72,7 +74,7 @@ Options (current values):
   --master_addr \${master_addr}  --master_port \${master_port}  --dumpdir \${dumpdir}  --expdir \${expdir}
   --local_data_opts "\${local_data_opts}"
   --train_set \${train_set}  --valid_set \${valid_set}  --test_sets "\${test_sets}"
-  --validate_opts "\${validate_opts}"  --format_audio_opts "\${format_audio_opts}"
+  --validate_opts "\${validate_opts}"  --format_audio_opts "\${format_audio_opts}"  --skip_bad \${skip_bad}
   --vocab_source \${vocab_source}  --spm_vocab_size \${spm_vocab_size}  --image_batch_size \${image_batch_size}
   --train_teacher \${train_teacher}  --teacher_opts "\${teacher_opts}"
   --train_config \${train_config}  --train_args "\${train_args}"  --tag "\${tag}"
@@ -104,6 +106,14 @@ run_options="${changed[*]}"
 # shellcheck disable=SC1091
 . "${engine_dir}/path.sh"  # sets ${python}: --python, else the active env, else <repo>/.venv
 log "$0 ${run_options} (python: ${python})"
+
+# --skip_bad (the data-integrity policy): passed to stage 0's local/data.sh as "--skip_bad true" and to
+# stages 1-2 as "--skip_bad"; nothing is passed when false, so a local/data.sh without the option still runs.
+case "${skip_bad}" in
+    true) data_skip_bad=(--skip_bad true); tool_skip_bad=(--skip_bad) ;;
+    false) data_skip_bad=(); tool_skip_bad=() ;;
+    *) echo "$0: --skip_bad must be true or false, got '${skip_bad}'" >&2; exit 2 ;;
+esac
 
 token_list=data/token_list
 vocab_file=${token_list}/clip_vocab_usage.txt
@@ -158,7 +168,7 @@ if run_stage 0; then
     else
         t0=${SECONDS}
         # shellcheck disable=SC2086
-        local/data.sh ${local_data_opts}
+        local/data.sh "${data_skip_bad[@]}" ${local_data_opts}
         log "  local/data.sh done in $(( SECONDS - t0 )) s"
     fi
     dirs=()
@@ -180,7 +190,7 @@ if run_stage 1; then
         # shellcheck disable=SC2086
         done_or_run "data/${dset}/.stage1.done" \
             ${python} -m speechclip_plus.bin.format_audio --data_dir "data/${dset}" \
-                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}" ${format_audio_opts}
+                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}" "${tool_skip_bad[@]}" ${format_audio_opts}
     done
 fi
 
@@ -210,7 +220,8 @@ if run_stage 2; then
     for dset in ${all_sets}; do
         # shellcheck disable=SC2086
         ${python} -m speechclip_plus.bin.embed_images --config "${train_config}" ${train_args} \
-            --data_dir "data/${dset}" --out_dir "${cache_dir}/${dset}" --batch_size "${image_batch_size}"
+            --data_dir "data/${dset}" --out_dir "${cache_dir}/${dset}" --batch_size "${image_batch_size}" \
+            --nj "${nj}" "${tool_skip_bad[@]}"
     done
 fi
 
