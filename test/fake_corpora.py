@@ -292,10 +292,11 @@ def make_plain(root: Path, per_split: Tuple[int, int, int] = (8, 3, 3), captions
 CSV_FIELDS = ("split", "image", "audio", "speaker", "caption")
 
 
-def make_csv(root: Path, per_split: Tuple[int, int, int] = (6, 3, 3), captions: int = 2, seed: int = 0) -> Fake:
+def make_csv(root: Path, per_split: Tuple[int, int, int] = (6, 3, 3), captions: int = 2, seed: int = 0,
+             speech: bool = True) -> Fake:
     """``root/metadata.csv`` (``CSV_FIELDS``, paths relative to root) + ``images/*.png`` + ``audio/`` with the
     captions of even-numbered images in FLAC at 22.05 kHz and the others in MP3 at 44.1 kHz. ``texts`` maps
-    an audio file name to its caption (whitespace as written)."""
+    an audio file name to its caption (whitespace as written). ``speech=False``: tones instead of espeak-ng."""
     import csv
 
     rng = random.Random(f"csv:{seed}")
@@ -323,7 +324,7 @@ def make_csv(root: Path, per_split: Tuple[int, int, int] = (6, 3, 3), captions: 
         writer.writeheader()
         writer.writerows(rows)
     for rate, rate_jobs in jobs.items():
-        synthesize(rate_jobs, rate)
+        synthesize(rate_jobs, rate, speech)
     return Fake(root=root, utterances={s: captions * n for s, n in zip(("train", "dev", "test"), per_split)},
                 images=dict(zip(("train", "dev", "test"), per_split)), speakers=len(VOICES), texts=texts,
                 env={"CORPUS": str(root)})

@@ -188,15 +188,17 @@ def test_sets_that_were_not_asked_for_are_left_alone(clean, tmp_path):
 
 
 def test_the_template_readme_prepare_py_follows_the_policy(tmp_path):
-    """The local/prepare.py of egs/TEMPLATE/README.md, run as written on a manifest-described corpus: valid data
-    dirs; a missing wav stops it naming the utterance and the manifest line; --skip_bad true lists it."""
+    """The local/prepare_csv.py of egs/TEMPLATE/README.md, run as written on a CSV-described corpus: valid data
+    dirs; a missing audio file stops it naming the utterance and the manifest line; --skip_bad true lists it."""
+    import csv
+
     text = (REPO / "egs" / "TEMPLATE" / "README.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```python\n(#!/usr/bin/env python3\n.*?)```", text, flags=re.S)
               if "CorpusWriter(" in b]
-    assert len(blocks) == 1, "egs/TEMPLATE/README.md should hold one example local/prepare.py on CorpusWriter"
-    script = tmp_path / "prepare.py"
+    assert len(blocks) == 1, "egs/TEMPLATE/README.md should hold one example local/prepare_csv.py on CorpusWriter"
+    script = tmp_path / "prepare_csv.py"
     script.write_text(blocks[0])
-    fake = fake_corpora.make_plain(tmp_path / "corpus", speech=False)
+    fake = fake_corpora.make_csv(tmp_path / "corpus", speech=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
     def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -208,12 +210,13 @@ def test_the_template_readme_prepare_py_follows_the_policy(tmp_path):
     for s in SETS:
         d = DataDir(tmp_path / "data" / s)
         assert validate_data_dir(d.path) == [] and len(d) == fake.utterances[s] and len(d.img) == fake.images[s]
-    first = (fake.root / "manifest.tsv").read_text().splitlines()[0].split("\t")
-    (fake.root / first[2]).unlink()
-    utt = f"{first[3]}-{Path(first[2]).stem}"
+    with open(fake.root / "metadata.csv", newline="", encoding="utf-8") as f:
+        first = next(csv.DictReader(f))
+    (fake.root / first["audio"]).unlink()
+    utt = f"{first['speaker']}-{Path(first['audio']).stem}"
     proc = run(tmp_path / "bad")
     assert proc.returncode == 1 and not (tmp_path / "bad").exists()
-    assert f"{fake.root}/manifest.tsv:1: {utt}: {fake.root / first[2]}: audio file not found" in proc.stderr
+    assert f"{fake.root}/metadata.csv:2: {utt}: {fake.root / first['audio']}: audio file not found" in proc.stderr
     proc = run(tmp_path / "bad", "--skip_bad", "true")
     assert proc.returncode == 0, proc.stderr
-    assert list(read_excluded(tmp_path / "bad" / first[0])) == [utt]
+    assert list(read_excluded(tmp_path / "bad" / first["split"])) == [utt]
