@@ -9,11 +9,12 @@ every loading path is exercised:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import torch
+
+from ..io import torch_save_atomic
 
 TINY_CLIP_CONFIG = str(Path(__file__).resolve().parent / "clip_configs" / "tiny-clip.json")
 
@@ -96,18 +97,7 @@ def save_tiny_hubert(
 
     The model has ``layers`` transformer layers (s3prl yields ``layers + 1`` hidden states of width ``dim``)
     and HuBERT's 320x conv downsampling. Extra keyword arguments go to ``tiny_hubert_state``.
-    Written to a temporary name in the same directory, then renamed.
+    Written atomically (``speechclip_plus.io``).
     """
-    state = tiny_hubert_state(dim, layers, heads, ffn, conv_dim, seed, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    torch_save_atomic(tiny_hubert_state(dim, layers, heads, ffn, conv_dim, seed, **kwargs), path)
     return str(path)
