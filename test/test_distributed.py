@@ -10,14 +10,18 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import CONF, REPO, make_corpus, tiny_config
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
 WORLD = 2
+WORKER_TIMEOUT = 600  # seconds: far above a normal run (~20 s), a bound on a hung rendezvous or deadlock
 
 
 def _free_port() -> int:
@@ -73,7 +77,7 @@ def _worker(rank: int, port: int, cfg: dict, exp: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, make_corpus):
     root = tmp_path_factory.mktemp("corpus")
     # equal lengths: the same padding in a rank's slice as in the whole batch (embeddings of the tiny fbank
     # model shift by ~1e-4 with the batch's padded length)
@@ -83,7 +87,7 @@ def data(tmp_path_factory):
             "valid_image_embeds": str(dev_emb)}
 
 
-def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path):
+def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path, tiny_config):
     import torch.multiprocessing as mp
 
     from speechclip_plus.train.trainer import Trainer
@@ -98,8 +102,13 @@ def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path):
     ref_metrics = single.validate()
     global_batch = single.sampler.batches(0)[0]
     ref = _step_record(single, global_batch)
-    while not ctx.join(timeout=300):
-        pass
+    deadline = time.monotonic() + WORKER_TIMEOUT
+    while not ctx.join(timeout=5):  # a worker that raises makes join raise; one that hangs must not hang the suite
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+                proc.join()
+            pytest.fail(f"the {WORLD} worker processes had not finished after {WORKER_TIMEOUT} s: killed")
     ranks = [torch.load(o, weights_only=True) for o in outs]
 
     # the ranks' slices partition the single-process global batch
