@@ -8,6 +8,11 @@ the whole run took under 6 minutes on the project's loaded 2-core machine (budge
 
 ``--quick``: small sizes for a smoke test (about 5 minutes there); implies ``--no-write`` so quick figures never
 replace the recorded ones.
+
+``--device cpu|cuda``: passed to every benchmark that has a ``--device`` option (without it each picks the GPU when
+CUDA is available). With ``cuda``, a benchmark without the option measures the CPU only: it runs with its quick
+settings and ``--no-write`` (it proves it works on the GPU host, whose CPU figures never replace the ones
+recorded for the project machine). ``bench/gpu.sh`` runs ``--device cuda``.
 """
 from __future__ import annotations
 
@@ -44,10 +49,20 @@ def discover(directory: Path = HERE) -> List[str]:
     return known + [n for n in names if n not in ORDER]
 
 
-def options(name: str, quick: bool, no_write: bool, directory: Path = HERE) -> List[str]:
-    """Command-line options for one benchmark: its quick settings and --no-write, where it has them."""
+def takes_device(text: str) -> bool:
+    """Whether a benchmark's source has the ``--device`` option (its own or ``_device.add_device_option``)."""
+    return "\"--device\"" in text or "add_device_option(" in text
+
+
+def options(name: str, quick: bool, no_write: bool, directory: Path = HERE, device: Optional[str] = None
+            ) -> List[str]:
+    """Command-line options for one benchmark: ``--device``, its quick settings and --no-write, where it has
+    them (see the module docstring)."""
     text = (directory / f"{name}.py").read_text(encoding="utf-8")
     opts: List[str] = []
+    if device is not None and takes_device(text):
+        opts += ["--device", device]
+    quick = quick or (device == "cuda" and not takes_device(text))  # CPU-only on a GPU run: a smoke test
     if quick:
         opts += QUICK.get(name, ["--quick"] if "\"--quick\"" in text else [])
     if (quick or no_write) and "\"--no-write\"" in text and "--no-write" not in opts:
@@ -86,6 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="benchmarks print only; RESULTS.md is not updated")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks (names without .py)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per benchmark")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="passed to the benchmarks that take it (default: each picks the GPU when available)")
     args = ap.parse_args(argv)
     names = discover()
     if args.only:
@@ -99,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{os.cpu_count()} CPUs)", flush=True)
     results = []
     for name in names:
-        opts = options(name, args.quick, args.no_write)
+        opts = options(name, args.quick, args.no_write, device=args.device)
         print(f"\n=== {name} {' '.join(opts)}".rstrip(), flush=True)
         r = run(name, opts, args.timeout)
         results.append(r)
