@@ -10,9 +10,9 @@ the whole run took under 6 minutes on the project's loaded 2-core machine (budge
 replace the recorded ones.
 
 ``--device cpu|cuda``: passed to every benchmark that has a ``--device`` option (without it each picks the GPU when
-CUDA is available). With ``cuda``, a benchmark without the option measures the CPU only: it runs with its quick
-settings and ``--no-write`` (it proves it works on the GPU host, whose CPU figures never replace the ones
-recorded for the project machine). ``bench/gpu.sh`` runs ``--device cuda``.
+CUDA is available). With ``cuda``, benchmarks without the option (CPU-only ones, such as the data stages) are
+skipped and listed: they would take no GPU figure, and the GPU host's CPU figures are not the project machine's.
+``bench/gpu.sh`` runs ``--device cuda``.
 """
 from __future__ import annotations
 
@@ -62,7 +62,6 @@ def options(name: str, quick: bool, no_write: bool, directory: Path = HERE, devi
     opts: List[str] = []
     if device is not None and takes_device(text):
         opts += ["--device", device]
-    quick = quick or (device == "cuda" and not takes_device(text))  # CPU-only on a GPU run: a smoke test
     if quick:
         opts += QUICK.get(name, ["--quick"] if "\"--quick\"" in text else [])
     if (quick or no_write) and "\"--no-write\"" in text and "--no-write" not in opts:
@@ -111,6 +110,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             ap.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(names)}")
         names = [n for n in names if n in args.only]
 
+    skipped = []
+    if args.device == "cuda":
+        skipped = [n for n in names if not takes_device((HERE / f"{n}.py").read_text(encoding="utf-8"))]
+        names = [n for n in names if n not in skipped]
+        if skipped:
+            print(f"skipped on --device cuda (CPU only, no --device option): {', '.join(skipped)}", flush=True)
     load = os.getloadavg()[0]
     print(f"running {len(names)} benchmark(s): {', '.join(names)} (load average {load:.2f}, "
           f"{os.cpu_count()} CPUs)", flush=True)
@@ -129,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n| benchmark | status | seconds |\n|---|---|---:|")
     for r in results:
         print(f"| {r['name']} | {r['status']} | {r['seconds']:.0f} |")
+    for name in skipped:
+        print(f"| {name} | skipped (CPU only) | - |")
     print(f"| total | | {total:.0f} |")
     note = "" if total <= BUDGET_S else f" (over the {BUDGET_S / 60:.0f}-minute budget)"
     print(f"load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end{note}")
