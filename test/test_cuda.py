@@ -56,12 +56,12 @@ def unsupported(precision: str) -> Optional[str]:
     return None
 
 
-def _trainer(cfg, exp: Path, **kw):
+def _trainer(cfg, exp: Path, dist_info=None):
+    """A Trainer on the target device (or ``dist_info``'s)."""
     from speechclip_plus.train.distributed import DistInfo
     from speechclip_plus.train.trainer import Trainer
 
-    return Trainer(cfg, str(exp), dist_info=kw.pop("dist_info", DistInfo(device=DEVICE)), progress=False,
-                   console=False, **kw)
+    return Trainer(cfg, str(exp), dist_info or DistInfo(device=DEVICE), progress=False, console=False)
 
 
 @pytest.fixture(scope="module")
