@@ -210,6 +210,9 @@ def plot_keyword_metrics_by_k(path: str, series: Mapping[str, Mapping[str, Mappi
     for ax in axes[len(panels):]:
         ax.axis("off")
     axes[0].legend(fontsize=8)
+    _save(fig, path, dpi)
+
+
 def plot_text_retrieval_examples(path: str, queries: Sequence[Tuple[str, Sequence[str], Optional[int]]],
                                  title: str = "", width_inches: float = 10.0, line_inches: float = 0.28,
                                  dpi: float = 100) -> None:
