@@ -7,12 +7,16 @@ handed out by a session fixture of the same name).
   their embeddings), ``write_vocab`` (a reduced keyword vocabulary), ``train_exp`` (a briefly trained exp dir).
 - ``crafted``: a class whose pickle calls ``func(*args)`` when loaded (what a malicious checkpoint holds).
 - ``require``: skip a test (or a part) when a system tool (espeak-ng, shellcheck) is missing; fail under ``CI=true``.
+- Several processes: ``free_port``, ``step_record`` (loss, gradients and gathered sizes of one micro-batch) and
+  ``join_workers`` (a bounded wait: hung workers are killed and the test fails).
 - ``template_readme_block``: a code block of egs/TEMPLATE/README.md; ``registered``: s3prl's registration.
 """
 
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -25,6 +29,11 @@ CONF = REPO / "speechclip_plus" / "conf"
 EMBED_DIM = 48  # speechclip_plus/models/clip_configs/tiny-clip.json
 WORDS = ["dog", "cat", "red", "ball", "grass", "runs", "water", "man", "girl", "beach"]
 INSTALL = {"espeak-ng": "apt-get install espeak-ng", "shellcheck": "apt-get install shellcheck"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU and skips without one (test/test_cuda.py; "
+                                       "SPEECHCLIP_TEST_DEVICE=cpu runs it on the CPU; bench/gpu.sh runs them)")
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -247,6 +256,71 @@ def _require(tool: str, skip: bool = True) -> bool:
 def require():
     """``require(tool, skip=True)``: the guard for system tools (espeak-ng, shellcheck) of ``_require``."""
     return _require
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step_record(tr, batch_indices):
+    """Loss, gradients (after DDP's averaging) and gathered sizes of one training micro-batch of trainer ``tr``."""
+    from speechclip_plus.data import collate
+    from speechclip_plus.models import losses
+
+    sizes = []
+    real_gather = losses.gather_with_grad
+
+    def gather(*tensors):
+        out = real_gather(*tensors)
+        sizes.append((len(tensors[0]), len(out[0])))
+        return out
+
+    losses.gather_with_grad = gather
+    try:
+        tr.model.train()
+        tr.optimizer.zero_grad(set_to_none=True)
+        batch = collate([tr.train_set[i] for i in batch_indices])
+        rec = tr._forward_backward(batch, sync=True)
+    finally:
+        losses.gather_with_grad = real_gather
+    grads = {n: p.grad.detach().clone() for n, p in tr.raw_model.named_parameters() if p.grad is not None}
+    tr.optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(rec["loss"]), "terms": {k: float(v) for k, v in rec["terms"].items()}, "grads": grads,
+            "sizes": sizes, "utts": batch["utt"]}
+
+
+def _join_workers(ctx, timeout: float = 600.0) -> None:
+    """Wait for the processes of ``torch.multiprocessing.start_processes(..., join=False)``: a worker's exception
+    is raised here; after ``timeout`` seconds (far above a normal run) the workers are killed and the test fails,
+    so a hung rendezvous or deadlock never hangs the suite."""
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+                proc.join()
+            pytest.fail(f"the {len(ctx.processes)} worker processes had not finished after {timeout:.0f} s: killed")
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()`` -> a TCP port free on 127.0.0.1 now."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def step_record():
+    """``step_record(trainer, batch_indices)`` -> {loss, terms, grads, sizes, utts} (``_step_record``)."""
+    return _step_record
+
+
+@pytest.fixture(scope="session")
+def join_workers():
+    """``join_workers(ctx, timeout=600)``: the bounded wait of ``_join_workers``."""
+    return _join_workers
 
 
 # ---------------------------------------------------------------------------------------------- docs, s3prl

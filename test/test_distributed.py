@@ -7,10 +7,8 @@ so the only difference is the split of the batch over the ranks.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,43 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "speechclip_plus" / "conf"
 WORLD = 2
-WORKER_TIMEOUT = 600  # seconds: far above a normal run (~20 s), a bound on a hung rendezvous or deadlock
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _step_record(tr, batch_indices):
-    """Loss, gradients (after DDP's averaging) and gathered sizes of one training micro-batch."""
-    from speechclip_plus.data import collate
-    from speechclip_plus.models import losses
-
-    sizes = []
-    real_gather = losses.gather_with_grad
-
-    def gather(*tensors):
-        out = real_gather(*tensors)
-        sizes.append((len(tensors[0]), len(out[0])))
-        return out
-
-    losses.gather_with_grad = gather
-    try:
-        tr.model.train()
-        tr.optimizer.zero_grad(set_to_none=True)
-        batch = collate([tr.train_set[i] for i in batch_indices])
-        rec = tr._forward_backward(batch, sync=True)
-    finally:
-        losses.gather_with_grad = real_gather
-    grads = {n: p.grad.detach().clone() for n, p in tr.raw_model.named_parameters() if p.grad is not None}
-    tr.optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(rec["loss"]), "terms": {k: float(v) for k, v in rec["terms"].items()}, "grads": grads,
-            "sizes": sizes, "utts": batch["utt"]}
-
-
-def _worker(rank: int, port: int, cfg: dict, exp: str, out: str) -> None:
+def _worker(rank: int, port: int, cfg: dict, exp: str, out: str, step_record) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -68,7 +32,7 @@ def _worker(rank: int, port: int, cfg: dict, exp: str, out: str) -> None:
     try:
         tr = Trainer(cfg, exp, info, progress=False, console=False)
         metrics = tr.validate()
-        step = _step_record(tr, tr.sampler.batches(0)[0])
+        step = step_record(tr, tr.sampler.batches(0)[0])
         tr.fit()
         tr.close()
         torch.save({"metrics": metrics, **step, "rank": info.rank, "final_step": tr.step}, out)
@@ -87,7 +51,8 @@ def data(tmp_path_factory, make_corpus):
             "valid_image_embeds": str(dev_emb)}
 
 
-def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path, tiny_config):
+def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path, tiny_config, free_port, step_record,
+                                                             join_workers):
     import torch.multiprocessing as mp
 
     from speechclip_plus.train.trainer import Trainer
@@ -95,20 +60,13 @@ def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path, tin
     cfg = tiny_config("p", crop=False, batch_size=8, valid_batch_size=4, max_steps=2, valid_every=1, **data)
     exp = tmp_path / "exp2"
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    port = _free_port()
-    ctx = mp.start_processes(_worker_entry, args=(port, cfg, str(exp), outs), nprocs=WORLD, start_method="fork",
-                             join=False)
+    ctx = mp.start_processes(_worker_entry, args=(free_port(), cfg, str(exp), outs, step_record), nprocs=WORLD,
+                             start_method="fork", join=False)
     single = Trainer(cfg, str(tmp_path / "exp1"), progress=False, console=False)
     ref_metrics = single.validate()
     global_batch = single.sampler.batches(0)[0]
-    ref = _step_record(single, global_batch)
-    deadline = time.monotonic() + WORKER_TIMEOUT
-    while not ctx.join(timeout=5):  # a worker that raises makes join raise; one that hangs must not hang the suite
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-                proc.join()
-            pytest.fail(f"the {WORLD} worker processes had not finished after {WORKER_TIMEOUT} s: killed")
+    ref = step_record(single, global_batch)
+    join_workers(ctx)  # a worker's error is raised; hung workers are killed after 600 s and the test fails
     ranks = [torch.load(o, weights_only=True) for o in outs]
 
     # the ranks' slices partition the single-process global batch
@@ -140,8 +98,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path, tin
     assert len(list((exp / "tensorboard").glob("events.*"))) == 1
 
 
-def _worker_entry(rank: int, port: int, cfg: dict, exp: str, outs) -> None:
-    _worker(rank, port, cfg, exp, outs[rank])
+def _worker_entry(rank: int, port: int, cfg: dict, exp: str, outs, step_record) -> None:
+    _worker(rank, port, cfg, exp, outs[rank], step_record)
 
 
 def test_cli_nproc_relaunches_under_torchrun(data, tmp_path):
