@@ -5,8 +5,8 @@ import os
 import pytest
 import yaml
 
-from speechclip_plus.config import (ConfigError, DEFAULTS, load_config, model_config, parse_overrides, read_config_files,
-                                    save_config)
+from speechclip_plus.config import (ConfigError, DEFAULTS, load_config, model_config, parse_overrides,
+                                    read_config_files, save_config)
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 CONF_DIR = os.path.join(REPO, "speechclip_plus", "conf")

@@ -388,7 +388,7 @@ def _large_projection_settings():
     """(config, variant, parallel MLP, keyword MLP) of every shipped large config with a hidden projection layer."""
     repo = os.path.join(os.path.dirname(__file__), "..")
     out = []
-    for conf_dir in (CONF, os.path.join(repo, "egs", "flickr8k", "conf"), os.path.join(repo, "egs", "spokencoco", "conf")):
+    for conf_dir in (CONF, *(os.path.join(repo, "egs", r, "conf") for r in ("flickr8k", "spokencoco"))):
         for v in VARIANTS:
             m = load_config(os.path.join(conf_dir, f"large_{v}.yaml"))["model"]
             setting = (v, m["parallel"]["projection"], m["cascaded"]["projection"])

@@ -336,7 +336,8 @@ def test_a_loss_selects_the_lowest_validation_and_a_recall_the_highest(corpus, t
         tr = _trainer(cfg, tmp_path / metric)
         tr.fit()
         tr.close()
-        rows[metric] = [json.loads(x) for x in (tmp_path / metric / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+        lines = (tmp_path / metric / "checkpoints" / "metrics.jsonl").read_text().splitlines()
+        rows[metric] = [json.loads(x) for x in lines]
         key = "loss" if metric == "loss" else "parallel/speech_to_image_r1"
         values = [r[key] for r in rows[metric]]
         pick = min if metric == "loss" else max

@@ -44,10 +44,10 @@ from speechclip_plus.data.tables import (EXCLUDED_FILE, MAX_SHOWN, OPTIONAL_FILE
                                          spk2utt_from_utt2spk, write_data_dir, write_kv)
 from speechclip_plus.data.validate import check_data_dir, image_problem, validate_data_dir
 
-__all__ = ["EXCLUDED_FILE", "MAX_SHOWN", "OPTIONAL_FILES", "REQUIRED_FILES", "UTT_FILES", "DataDir", "DataError", "Entry",
-           "add_excluded", "backup_data_dir", "check_data_dir", "combine_data_dirs", "fix_data_dir", "format_duration",
-           "image_problem", "parse_entries", "read_excluded", "read_kv", "remove_utterances", "sort_key",
-           "spk2utt_from_utt2spk", "subset_data_dir", "validate_data_dir", "write_data_dir", "write_kv"]
+__all__ = ["EXCLUDED_FILE", "MAX_SHOWN", "OPTIONAL_FILES", "REQUIRED_FILES", "UTT_FILES", "DataDir", "DataError",
+           "Entry", "add_excluded", "backup_data_dir", "check_data_dir", "combine_data_dirs", "fix_data_dir",
+           "format_duration", "image_problem", "parse_entries", "read_excluded", "read_kv", "remove_utterances",
+           "sort_key", "spk2utt_from_utt2spk", "subset_data_dir", "validate_data_dir", "write_data_dir", "write_kv"]
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Tuple, Union
 
-from speechclip_plus.data.tables import (MAX_SHOWN, OPTIONAL_FILES, REQUIRED_FILES, UTT_FILES, DataError, _positive_float,
-                                         _short, parse_entries, sort_key, spk2utt_from_utt2spk)
+from speechclip_plus.data.tables import (MAX_SHOWN, OPTIONAL_FILES, REQUIRED_FILES, UTT_FILES, DataError,
+                                         _positive_float, _short, parse_entries, sort_key, spk2utt_from_utt2spk)
 
 
 def _check_path(f: str, lineno: int, key: str, path: str, check_files: bool) -> Optional[str]:
