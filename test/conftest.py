@@ -3,7 +3,8 @@
 Test modules never import each other: what several of them use lives here, as fixtures (a helper function is
 handed out by a session fixture of the same name).
 - Tiny models: ``tiny_clip_config``, ``tiny_hubert_ckpt``, ``tiny_config`` (a resolved ``conf/tiny_*.yaml``).
-- Tiny corpora: ``make_corpus`` (tones + random image embeddings), ``make_data_dir`` (tones, PNG images and
+- Tiny corpora, written by the toolkit's own writers: ``make_corpus`` (tones + random image embeddings),
+  ``make_train_dev`` (a train and a dev one, as a config's data paths), ``make_data_dir`` (tones, PNG images and
   their embeddings), ``write_vocab`` (a reduced keyword vocabulary), ``train_exp`` (a briefly trained exp dir).
 - ``crafted``: a class whose pickle calls ``func(*args)`` when loaded (what a malicious checkpoint holds).
 - ``require``: skip a test (or a part) when a system tool (espeak-ng, shellcheck) is missing; fail under ``CI=true``.
@@ -71,93 +72,87 @@ def tiny_config():
 
 
 # ---------------------------------------------------------------------------------------------- tiny corpora
+def _write_embeddings(out_dir: Path, ids, rng, dim: int = EMBED_DIM) -> Path:
+    """A random unit vector per id, written as ``img_embed.{ark,scp}`` by the toolkit's writer; the scp path."""
+    from speechclip_plus.data.kaldi_ark import write_ark_scp
+
+    def vectors():
+        for i in ids:
+            v = rng.standard_normal(dim).astype(np.float32)
+            yield i, v / np.linalg.norm(v)
+
+    return Path(write_ark_scp(out_dir, "img_embed", vectors())[0])
+
+
 def _make_corpus(root: Path, n_utts: int = 8, n_images: int = 4, seed: int = 0, name: str = "train",
                  embed_dim: int = EMBED_DIM, seconds=None):
     """A Kaldi data dir of ``n_utts`` noisy tones (16 kHz; 0.5-1 s, or all ``seconds`` long) over ``n_images``
     images (empty files) plus an image-embedding scp of random unit vectors. Returns (data_dir, img_embed.scp)."""
-    import kaldiio
     import soundfile as sf
 
+    from speechclip_plus.data.datadir import write_data_dir
+
     rng = np.random.default_rng(seed)
-    d = root / "data" / name
-    wavs = root / "wav" / name
-    for p in (d, wavs, root / "img"):
+    wavs, img_dir = root / "wav" / name, root / "img"
+    for p in (wavs, img_dir):
         p.mkdir(parents=True, exist_ok=True)
     words = WORDS[:8]
-    lines = {k: [] for k in ("wav.scp", "text", "utt2spk", "utt2img", "utt2dur")}
     images = [f"img{j:02d}" for j in range(n_images)]
+    wav, text, utt2spk, utt2img, utt2dur = {}, {}, {}, {}, {}
     for i in range(n_utts):
         spk, utt = f"spk{i % 2}", f"spk{i % 2}-{name}{i:03d}"
         n = int(16000 * (seconds or 0.5 + 0.5 * rng.random()))
         t = np.arange(n) / 16000
-        wav = 0.3 * np.sin(2 * np.pi * (200 + 60 * i) * t) + 0.01 * rng.standard_normal(n)
-        path = wavs / f"{utt}.wav"
-        sf.write(path, wav.astype(np.float32), 16000)
-        lines["wav.scp"].append(f"{utt} {path}")
-        lines["text"].append(f"{utt} a {words[i % 8]} and a {words[(3 * i + 1) % 8]}")
-        lines["utt2spk"].append(f"{utt} {spk}")
-        lines["utt2img"].append(f"{utt} {images[i % n_images]}")
-        lines["utt2dur"].append(f"{utt} {n / 16000:.4f}")
-    for fname, rows in lines.items():
-        (d / fname).write_text("".join(r + "\n" for r in sorted(rows)))
-    spk2utt = {}
-    for row in sorted(lines["utt2spk"]):
-        utt, spk = row.split()
-        spk2utt.setdefault(spk, []).append(utt)
-    (d / "spk2utt").write_text("".join(f"{s} {' '.join(u)}\n" for s, u in sorted(spk2utt.items())))
-    img_lines = []
+        signal = 0.3 * np.sin(2 * np.pi * (200 + 60 * i) * t) + 0.01 * rng.standard_normal(n)
+        sf.write(wavs / f"{utt}.wav", signal.astype(np.float32), 16000)
+        wav[utt], text[utt] = str(wavs / f"{utt}.wav"), f"a {words[i % 8]} and a {words[(3 * i + 1) % 8]}"
+        utt2spk[utt], utt2img[utt], utt2dur[utt] = spk, images[i % n_images], n / 16000
     for img in images:
-        (root / "img" / f"{img}.jpg").write_bytes(b"")
-        img_lines.append(f"{img} {root / 'img' / f'{img}.jpg'}")
-    (d / "img.scp").write_text("".join(r + "\n" for r in sorted(img_lines)))
-    emb_dir = root / "dump" / name
-    emb_dir.mkdir(parents=True, exist_ok=True)
-    with kaldiio.WriteHelper(f"ark,scp:{emb_dir / 'img_embed.ark'},{emb_dir / 'img_embed.scp'}") as w:
-        for img in images:
-            v = rng.standard_normal(embed_dim).astype(np.float32)
-            w(img, v / np.linalg.norm(v))
-    return d, emb_dir / "img_embed.scp"
+        (img_dir / f"{img}.jpg").write_bytes(b"")
+    d = root / "data" / name
+    write_data_dir(d, wav, text, utt2spk, utt2img, {img: str(img_dir / f"{img}.jpg") for img in images}, utt2dur)
+    return d, _write_embeddings(root / "dump" / name, images, rng, embed_dim)
+
+
+def _make_train_dev(root: Path, train=(8, 4), dev=(6, 3), seconds=None):
+    """The train (seed 0) and dev (seed 1) corpora of ``_make_corpus`` (``(utterances, images)`` each) as the
+    ``train_data``, ``image_embeds``, ``valid_data``, ``valid_image_embeds`` of a config's train section."""
+    train_dir, emb = _make_corpus(root, *train, seed=0, name="train", seconds=seconds)
+    dev_dir, dev_emb = _make_corpus(root, *dev, seed=1, name="dev", seconds=seconds)
+    return {"train_data": str(train_dir), "image_embeds": str(emb), "valid_data": str(dev_dir),
+            "valid_image_embeds": str(dev_emb)}
 
 
 def _make_data_dir(root: Path, name: str = "test", n_images: int = 3, caps_per_image: int = 2, seed: int = 0):
     """A Kaldi data dir: ``n_images`` small PNGs with ``caps_per_image`` spoken captions each (tone + noise,
-    0.6-1.2 s, 16 kHz float WAV), and an image-embedding scp of random unit vectors (kaldiio).
+    0.6-1.2 s, 16 kHz float WAV), and an image-embedding scp of random unit vectors.
     Returns (data_dir, img_embed.scp)."""
-    import kaldiio
     import soundfile as sf
     from PIL import Image
 
+    from speechclip_plus.data.datadir import write_data_dir
+
     rng = np.random.default_rng(seed)
-    d, wavs, imgs, dump = root / "data" / name, root / "wav" / name, root / "img" / name, root / "dump" / name
-    for p in (d, wavs, imgs, dump):
+    wavs, imgs = root / "wav" / name, root / "img" / name
+    for p in (wavs, imgs):
         p.mkdir(parents=True, exist_ok=True)
-    rows = {k: [] for k in ("wav.scp", "text", "utt2spk", "utt2img", "img.scp")}
-    spk2utt = {}
+    wav, text, utt2spk, utt2img, img_scp = {}, {}, {}, {}, {}
     for j in range(n_images):
         img = f"img{j:02d}"
-        path = imgs / f"{img}.png"
-        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(path)
-        rows["img.scp"].append(f"{img} {path}")
+        img_scp[img] = str(imgs / f"{img}.png")
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(img_scp[img])
         for c in range(caps_per_image):
             i = j * caps_per_image + c
-            spk, utt = f"spk{c}", f"spk{c}-{name}{i:03d}"
+            utt = f"spk{c}-{name}{i:03d}"
             n = int(16000 * (0.6 + 0.6 * rng.random()))
             t = np.arange(n) / 16000
-            wav = 0.3 * np.sin(2 * np.pi * (180 + 70 * i) * t) + 0.02 * rng.standard_normal(n)
-            sf.write(wavs / f"{utt}.wav", wav.astype(np.float32), 16000, subtype="FLOAT")
-            rows["wav.scp"].append(f"{utt} {wavs / f'{utt}.wav'}")
-            rows["text"].append(f"{utt} A {WORDS[i % 10]} and the {WORDS[(3 * i + 1) % 10]}.")
-            rows["utt2spk"].append(f"{utt} {spk}")
-            rows["utt2img"].append(f"{utt} {img}")
-            spk2utt.setdefault(spk, []).append(utt)
-    for fname, lines in rows.items():
-        (d / fname).write_text("".join(r + "\n" for r in sorted(lines)))
-    (d / "spk2utt").write_text("".join(f"{s} {' '.join(sorted(u))}\n" for s, u in sorted(spk2utt.items())))
-    with kaldiio.WriteHelper(f"ark,scp:{dump / 'img_embed.ark'},{dump / 'img_embed.scp'}") as w:
-        for j in range(n_images):
-            v = rng.standard_normal(EMBED_DIM).astype(np.float32)
-            w(f"img{j:02d}", v / np.linalg.norm(v))
-    return d, dump / "img_embed.scp"
+            signal = 0.3 * np.sin(2 * np.pi * (180 + 70 * i) * t) + 0.02 * rng.standard_normal(n)
+            sf.write(wavs / f"{utt}.wav", signal.astype(np.float32), 16000, subtype="FLOAT")
+            wav[utt], text[utt] = str(wavs / f"{utt}.wav"), f"A {WORDS[i % 10]} and the {WORDS[(3 * i + 1) % 10]}."
+            utt2spk[utt], utt2img[utt] = f"spk{c}", img
+    d = root / "data" / name
+    write_data_dir(d, wav, text, utt2spk, utt2img, img_scp)
+    return d, _write_embeddings(root / "dump" / name, list(img_scp), rng)
 
 
 def _write_vocab(path: Path) -> str:
@@ -200,6 +195,13 @@ def make_corpus():
     """``make_corpus(root, n_utts=8, n_images=4, seed=0, name="train", embed_dim=48, seconds=None)`` ->
     (data_dir, img_embed.scp): noisy tones over empty image files (``_make_corpus``)."""
     return _make_corpus
+
+
+@pytest.fixture(scope="session")
+def make_train_dev():
+    """``make_train_dev(root, train=(8, 4), dev=(6, 3), seconds=None)`` -> the train/dev data paths of a config
+    (``_make_train_dev``)."""
+    return _make_train_dev
 
 
 @pytest.fixture(scope="session")

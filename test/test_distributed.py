@@ -41,14 +41,10 @@ def _worker(rank: int, port: int, cfg: dict, exp: str, out: str, step_record) ->
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, make_corpus):
-    root = tmp_path_factory.mktemp("corpus")
+def data(tmp_path_factory, make_train_dev):
     # equal lengths: the same padding in a rank's slice as in the whole batch (embeddings of the tiny fbank
-    # model shift by ~1e-4 with the batch's padded length)
-    train, emb = make_corpus(root, 9, 4, seed=0, name="train", seconds=0.75)  # one global batch of 8 (+1 dropped)
-    dev, dev_emb = make_corpus(root, 6, 3, seed=1, name="dev", seconds=0.75)
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+    # model shift by ~1e-4 with the batch's padded length); 9 utterances: one global batch of 8 (+1 dropped)
+    return make_train_dev(tmp_path_factory.mktemp("corpus"), train=(9, 4), seconds=0.75)
 
 
 def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path, tiny_config, free_port, step_record,

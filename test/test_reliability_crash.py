@@ -189,12 +189,8 @@ def test_engine_marks_a_stage_done_only_after_its_command_succeeds(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, make_corpus):
-    root = tmp_path_factory.mktemp("corpus")
-    train, emb = make_corpus(root, 8, 4, seed=0, name="train")
-    dev, dev_emb = make_corpus(root, 4, 2, seed=1, name="dev")
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+def corpus(tmp_path_factory, make_train_dev):
+    return make_train_dev(tmp_path_factory.mktemp("corpus"), dev=(4, 2))
 
 
 def _metrics(exp):

@@ -48,6 +48,7 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+from speechclip_plus.data.datadir import read_kv  # noqa: E402
 from speechclip_plus.eval.retrieval import chance_recall, recall_at_k  # noqa: E402
 from speechclip_plus.io import atomic_write_text, torch_save_atomic  # noqa: E402
 from speechclip_plus.train.precision import cpu_has_native_bf16  # noqa: E402
@@ -56,25 +57,11 @@ LOG = logging.getLogger("train_clip")
 
 
 # ------------------------------------------------------------------------------------------------- data
-def read_table(path: Path) -> Dict[str, str]:
-    """``<key> <value>`` lines -> dict; raises naming the file and line on a malformed or duplicate line."""
-    out: Dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            key, _, value = line.rstrip("\n").partition(" ")
-            if not key or not value:
-                raise ValueError(f"{path}:{ln}: expected '<key> <value>', got {line.rstrip()!r}")
-            if key in out:
-                raise ValueError(f"{path}:{ln}: duplicate key {key!r}")
-            out[key] = value
-    return out
-
-
 def load_split(data_dir: Path) -> Tuple[List[str], List[str], List[List[str]]]:
     """(image ids, image paths, captions per image) of a Kaldi data dir, images in img.scp order."""
-    img_scp = read_table(data_dir / "img.scp")
-    text = read_table(data_dir / "text")
-    utt2img = read_table(data_dir / "utt2img")
+    img_scp = read_kv(data_dir / "img.scp")  # the toolkit's reader: errors name file:line: key
+    text = read_kv(data_dir / "text")
+    utt2img = read_kv(data_dir / "utt2img")
     captions: Dict[str, List[str]] = {k: [] for k in img_scp}
     for utt in sorted(text):
         img = utt2img.get(utt)
