@@ -6,16 +6,22 @@ Contract
   any scalar, a list or null).
 - ``load_config(path, overrides)`` = defaults <- YAML file <- overrides. Overrides are argv-style pairs
   ``--model.cif.threshold 0.9`` (values parsed as YAML, so ``[256, 512]``, ``null``, ``true`` work).
+- Inheritance: a YAML file may name a ``base:`` config (a path relative to the file, ending in ``.yaml``, or the
+  name of a packaged config such as ``base_hplus`` = ``speechclip_plus/conf/base_hplus.yaml``), which may name its
+  own. The resolved config is defaults <- the root base <- ... <- the file: a key of a file replaces the same key
+  of its bases (section by section, so ``model: {cif: {threshold: 0.9}}`` changes that one key; a list is
+  replaced whole). ``base`` itself is not part of the resolved config. A missing base or a cycle is a
+  ``ConfigError`` naming the files.
 - Unknown keys and wrong types raise ``ConfigError`` with one line naming the key (and the file), listing
   the valid keys at that level.
 - Keys in ``PATH_KEYS`` holding a relative path are resolved against the directory of the YAML file
-  that set them (overrides: against the current directory).
+  that set them, a base included (overrides: against the current directory).
 """
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
@@ -31,6 +37,8 @@ DEFAULTS: Dict[str, Any] = {
             "normalize_waveform": False,  # layer-norm each waveform first (S+ base configs)
             "normalize_hiddenstates": False,  # affine-free layer-norm of each state before the weighted sum
             "per_utterance": False,  # run the upstream one utterance at a time (batch-independent, slower)
+            "raw_last_layer": False,  # last state = raw output of the last layer (the reference), not s3prl's
+            #                           (after the final LayerNorm of pre-LN models such as HuBERT Large)
         },
         "clip": {
             "name": "ViT-B-32",  # open_clip architecture, or a path to an open_clip model-config .json
@@ -75,14 +83,17 @@ DEFAULTS: Dict[str, Any] = {
             "temperature": 0.07,  # initial softmax temperature of the contrastive loss
             "learnable_temperature": True,
             "max_logit_scale": 100.0,  # clamp of exp(t) (the reference has none)
+            "per_branch_temperature": False,  # hybrids: one temperature per branch (the reference shares one)
         },
         "max_audio_len": 102400,  # training-time random crop in samples (6.4 s); null = no crop
-        "retrieval_branch": None,  # branch scored as "the" model: parallel | cascaded; null = variant default
+        "retrieval_branch": None,  # branch that selects checkpoints and is reported: parallel | cascaded;
+        #                            null = the variant's first (parallel for p/h/hplus, cascaded for c/cplus)
     },
     "train": {
         "seed": 7122,
         "batch_size": 256,
-        "max_batch_seconds": None,  # cap on audio seconds per batch (length-bucketed batches)
+        "bucketing": False,  # length-bucketed batches; false = a uniform shuffle (the reference)
+        "max_batch_seconds": None,  # cap on audio seconds per batch
         "valid_batch_size": 8,
         "accum_grad": 1,
         "max_steps": 50000,
@@ -92,13 +103,14 @@ DEFAULTS: Dict[str, Any] = {
         "warmup_steps": 5000,
         "final_lr": 1.0e-8,
         "grad_clip": 4.0,
-        "amp": True,  # fp16 + scaler on GPU, bf16 autocast on a CPU with native bf16, else float32
-        "valid_every": 1000,  # optimiser steps between validations
+        "precision": "auto",  # auto | bf16 | fp16 | fp32 (auto: bf16 where native, fp16 + scaler on older GPUs)
+        "valid_every": "epoch",  # validate at the end of every epoch (the reference) or every N optimiser steps
         "log_every": 50,
         "keep_checkpoints": 3,
         "select_metric": "recall_mean_10",
         "num_workers": 2,
-        "max_bad_steps": 20,  # consecutive non-finite losses before stopping
+        "max_bad_steps": 20,  # consecutive skipped steps (non-finite loss or fp16 overflow) before stopping
+        "log_grad_norms": False,  # log each loss term's gradient norm at the shared encoder (every log_every)
         "save_frozen": None,  # frozen weights in checkpoints: null = only if not from pretrained files; true | false
         "train_data": None,  # Kaldi data dir (set by bin/train --train_data)
         "valid_data": None,  # Kaldi data dir (--valid_data); null = no validation
@@ -111,6 +123,11 @@ DEFAULTS: Dict[str, Any] = {
     },
 }
 
+# Keys that also accept a type other than their default's.
+ALSO_ACCEPTS = {"train.valid_every": int}
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 # Keys whose values are file paths (resolved relative to the YAML that sets them).
 PATH_KEYS = {
     "model.upstream.ckpt",
@@ -120,6 +137,10 @@ PATH_KEYS = {
     "model.clip.pretrained",
     "data.text_vocab",
 }
+
+
+BASE_KEY = "base"  # the top-level key naming the config a file inherits from
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
 class ConfigError(ValueError):
@@ -168,9 +189,11 @@ def _set(cfg: Dict, schema: Dict, key: str, value: Any, source: str, base_dir: O
                 for sub, subval in value.items():
                     _set(cfg, schema, f"{key}.{sub}", subval, source, base_dir)
                 return
-            if not _type_ok(default, value):
+            other = ALSO_ACCEPTS.get(key)
+            if not (_type_ok(default, value) or (other is not None and _type_ok(other(), value))):
+                expected = type(default).__name__ + (f" or {other.__name__}" if other else "")
                 raise ConfigError(
-                    f"{source}: '{key}' must be {type(default).__name__}, got {type(value).__name__} {value!r}"
+                    f"{source}: '{key}' must be {expected}, got {type(value).__name__} {value!r}"
                 )
             if isinstance(default, float) and isinstance(value, int):
                 value = float(value)
@@ -195,6 +218,44 @@ def read_yaml(path: str) -> Dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _base_path(ref: Any, named_by: str) -> str:
+    """The file a ``base:`` value names: a path (relative to ``named_by``'s directory) or a packaged name."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"{named_by}: '{BASE_KEY}' must be a config file or a packaged config name, got {ref!r}")
+    if ref.endswith((".yaml", ".yml")) or "/" in ref or os.sep in ref:
+        path = os.path.join(os.path.dirname(os.path.abspath(named_by)), os.path.expanduser(ref))
+    else:
+        path = os.path.join(PACKAGED_CONFIGS, f"{ref}.yaml")
+    path = os.path.normpath(path)
+    if not os.path.isfile(path):
+        packaged = sorted(n[:-5] for n in os.listdir(PACKAGED_CONFIGS) if n.endswith(".yaml"))
+        raise ConfigError(f"{named_by}: base config '{ref}' not found ({path}); a base is a .yaml path relative to "
+                          f"this file or a packaged config name: {', '.join(packaged)}")
+    return path
+
+
+def read_config_files(path: str) -> List[Tuple[str, Dict]]:
+    """``[(file, mapping without 'base')]`` of ``path`` and its chain of bases, the root base first.
+
+    ``path`` keeps the spelling it was given (for messages); bases are normalised absolute paths.
+    """
+    chain: List[Tuple[str, Dict]] = []
+    seen: Dict[str, str] = {}
+    current = path
+    while True:
+        real = os.path.realpath(current)
+        if real in seen:
+            cycle = " -> ".join([f for f, _ in chain] + [current])
+            raise ConfigError(f"{path}: the base configs form a cycle: {cycle}")
+        seen[real] = current
+        data = dict(read_yaml(current))
+        ref = data.pop(BASE_KEY, None)
+        chain.append((current, data))
+        if ref is None:
+            return chain[::-1]
+        current = _base_path(ref, current)
 
 
 def parse_overrides(args: Iterable[str]) -> List[tuple]:
@@ -250,16 +311,24 @@ def check(cfg: Dict) -> Dict:
         raise ConfigError(f"model.parallel.weight must be > 0 for variant {m['variant']}")
     if m["variant"] in ("c", "cplus", "h", "hplus") and m["cascaded"]["weight"] <= 0:
         raise ConfigError(f"model.cascaded.weight must be > 0 for variant {m['variant']}")
-    if cfg["train"]["optimizer"] not in ("adam", "adamw"):
+    t = cfg["train"]
+    if t["optimizer"] not in ("adam", "adamw"):
         raise ConfigError("train.optimizer: must be adam or adamw")
+    if t["precision"] not in PRECISIONS:
+        raise ConfigError(f"train.precision: '{t['precision']}' is not one of {', '.join(PRECISIONS)}")
+    ve = t["valid_every"]
+    if ve != "epoch" and not (isinstance(ve, int) and ve >= 1):
+        raise ConfigError(f"train.valid_every: {ve!r} is not 'epoch' or a number of steps >= 1")
     return cfg
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), data: Optional[Dict] = None) -> Dict:
-    """Resolved config = DEFAULTS <- YAML ``path`` <- ``data`` <- argv-style ``overrides``."""
+    """Resolved config = DEFAULTS <- YAML ``path`` (after its ``base:`` chain) <- ``data`` <- argv-style
+    ``overrides``."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        cfg = merge(cfg, read_yaml(path), path, os.path.dirname(os.path.abspath(path)))
+        for file, file_data in read_config_files(path):
+            cfg = merge(cfg, file_data, file, os.path.dirname(os.path.abspath(file)))
     if data:
         cfg = merge(cfg, data, "<dict>")
     for key, value in parse_overrides(overrides):

@@ -22,9 +22,10 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from test_train import CONF, REPO, make_corpus
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -188,12 +189,8 @@ def test_engine_marks_a_stage_done_only_after_its_command_succeeds(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    train, emb = make_corpus(root, 8, 4, seed=0, name="train")
-    dev, dev_emb = make_corpus(root, 4, 2, seed=1, name="dev")
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+def corpus(tmp_path_factory, make_train_dev):
+    return make_train_dev(tmp_path_factory.mktemp("corpus"), dev=(4, 2))
 
 
 def _metrics(exp):
@@ -228,7 +225,7 @@ def test_training_sigkilled_after_a_checkpoint_resumes_to_the_same_weights(corpu
             "--valid_data", corpus["valid_data"], "--image_embeds", corpus["image_embeds"],
             "--valid_image_embeds", corpus["valid_image_embeds"], "--exp_dir", exp, "--device", "cpu",
             "--no_progress", "--train.max_steps", max_steps, "--train.valid_every", 4, "--train.batch_size", 4,
-            "--train.amp", "false", "--train.num_workers", 0, *extra)]
+            "--train.precision", "fp32", "--train.num_workers", 0, *extra)]
 
     part = start("speechclip_plus.bin.train", cmd(tmp_path / "part"), tmp_path)
     ckpt = tmp_path / "part" / "checkpoints"
@@ -251,7 +248,7 @@ def _train_args(corpus, exp, *extra):
     return ["--config", str(CONF / "tiny_p.yaml"), "--train_data", corpus["train_data"],
             "--valid_data", corpus["valid_data"], "--image_embeds", corpus["image_embeds"],
             "--valid_image_embeds", corpus["valid_image_embeds"], "--exp_dir", str(exp), "--device", "cpu",
-            "--no_progress", "--train.batch_size", "4", "--train.amp", "false", "--train.num_workers", "0",
+            "--no_progress", "--train.batch_size", "4", "--train.precision", "fp32", "--train.num_workers", "0",
             "--train.valid_every", "2", *extra]
 
 
@@ -275,12 +272,12 @@ def test_non_finite_losses_stop_with_exit_1_keeping_the_last_good_checkpoint(cor
     exp = tmp_path / "exp"
     assert main(_train_args(corpus, exp, "--train.max_steps", "8", "--train.max_bad_steps", "3")) == 1
     ck = exp / "checkpoints"
-    message = (f"stopping: 3 consecutive optimiser steps had a non-finite loss (train.max_bad_steps=3); "
-               f"last good checkpoint: {ck / 'last.pt'} (step 2)")
+    message = (f"stopping: 3 consecutive optimiser steps were skipped (non-finite loss or gradients; "
+               f"train.max_bad_steps=3); last good checkpoint: {ck / 'last.pt'} (step 2)")
     err = capsys.readouterr().err
     assert f"ERROR {message}" in err and f"ERROR {message}" in (exp / "train.log").read_text()
     for n, epoch in ((1, 1), (2, 1), (3, 2)):  # 2 batches per epoch: the bad steps are in epochs 1 and 2
-        assert f"non-finite loss at step 3 (epoch {epoch}): step skipped ({n} in a row, {n} in total)" in err
+        assert f"step 3 (epoch {epoch}) skipped: non-finite loss or gradient ({n} in a row, {n} in total)" in err
     assert sorted(p.name for p in ck.glob("step-*.pt")) == ["step-2.pt"]
     assert os.path.samefile(ck / "last.pt", ck / "step-2.pt")
     state = torch.load(ck / "last.pt", weights_only=True)

@@ -1,7 +1,7 @@
 """Training engine: schedule, checkpoint files, trainer behaviour and the command-line entry point.
 
-Tiny model (``conf/tiny_*.yaml``: fbank upstream, random tiny CLIP) on a generated corpus of 8 short tones.
-``make_corpus`` / ``tiny_config`` are shared with ``test_resume.py`` and ``test_distributed.py``.
+Tiny model (``conf/tiny_*.yaml``: fbank upstream, random tiny CLIP) on a generated corpus of 8 short tones
+(``make_corpus`` / ``tiny_config`` from conftest.py).
 """
 from __future__ import annotations
 
@@ -21,96 +21,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "speechclip_plus" / "conf"
-EMBED_DIM = 48  # speechclip_plus/models/clip_configs/tiny-clip.json
-
-
-def make_corpus(root: Path, n_utts: int = 8, n_images: int = 4, seed: int = 0, name: str = "train",
-                embed_dim: int = EMBED_DIM, seconds=None):
-    """A Kaldi data dir of ``n_utts`` noisy tones (16 kHz; 0.5-1 s, or all ``seconds`` long) over ``n_images``
-    images plus an image-embedding scp of random unit vectors. Returns (data_dir, img_embed.scp)."""
-    import kaldiio
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    d = root / "data" / name
-    wavs = root / "wav" / name
-    for p in (d, wavs, root / "img"):
-        p.mkdir(parents=True, exist_ok=True)
-    words = ["dog", "cat", "red", "ball", "grass", "runs", "water", "man"]
-    lines = {k: [] for k in ("wav.scp", "text", "utt2spk", "utt2img", "utt2dur")}
-    images = [f"img{j:02d}" for j in range(n_images)]
-    for i in range(n_utts):
-        spk, utt = f"spk{i % 2}", f"spk{i % 2}-{name}{i:03d}"
-        n = int(16000 * (seconds or 0.5 + 0.5 * rng.random()))
-        t = np.arange(n) / 16000
-        wav = 0.3 * np.sin(2 * np.pi * (200 + 60 * i) * t) + 0.01 * rng.standard_normal(n)
-        path = wavs / f"{utt}.wav"
-        sf.write(path, wav.astype(np.float32), 16000)
-        lines["wav.scp"].append(f"{utt} {path}")
-        lines["text"].append(f"{utt} a {words[i % 8]} and a {words[(3 * i + 1) % 8]}")
-        lines["utt2spk"].append(f"{utt} {spk}")
-        lines["utt2img"].append(f"{utt} {images[i % n_images]}")
-        lines["utt2dur"].append(f"{utt} {n / 16000:.4f}")
-    for fname, rows in lines.items():
-        (d / fname).write_text("".join(r + "\n" for r in sorted(rows)))
-    spk2utt = {}
-    for row in sorted(lines["utt2spk"]):
-        utt, spk = row.split()
-        spk2utt.setdefault(spk, []).append(utt)
-    (d / "spk2utt").write_text("".join(f"{s} {' '.join(u)}\n" for s, u in sorted(spk2utt.items())))
-    img_lines = []
-    for img in images:
-        (root / "img" / f"{img}.jpg").write_bytes(b"")
-        img_lines.append(f"{img} {root / 'img' / f'{img}.jpg'}")
-    (d / "img.scp").write_text("".join(r + "\n" for r in sorted(img_lines)))
-    emb_dir = root / "dump" / name
-    emb_dir.mkdir(parents=True, exist_ok=True)
-    with kaldiio.WriteHelper(f"ark,scp:{emb_dir / 'img_embed.ark'},{emb_dir / 'img_embed.scp'}") as w:
-        for img in images:
-            v = rng.standard_normal(embed_dim).astype(np.float32)
-            w(img, v / np.linalg.norm(v))
-    return d, emb_dir / "img_embed.scp"
-
-
-def tiny_config(variant: str = "p", model=None, **train):
-    """Resolved tiny config: AMP off, no workers, a 0.75 s crop (``crop=False``: none), ``train`` keys and the
-    nested ``model`` dict on top."""
-    from speechclip_plus.config import load_config
-
-    crop = train.pop("crop", 12000)
-    data = {"train": {"amp": False, "num_workers": 0, **train},
-            "model": {"max_audio_len": crop or None, **(model or {})}}
-    return load_config(str(CONF / f"tiny_{variant}.yaml"), data=data)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    train, emb = make_corpus(root, 8, 4, seed=0, name="train")
-    dev, dev_emb = make_corpus(root, 6, 3, seed=1, name="dev")
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+def corpus(tmp_path_factory, make_train_dev):
+    return make_train_dev(tmp_path_factory.mktemp("corpus"))
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
-def test_schedule_warms_up_then_decays_to_final_lr():
+def test_schedule_is_step_exact_with_the_reference():
+    """linear_warmup_decay of the SpeechCLIP(+) code: factor (s + 1) / W while s < W, then
+    1 - (1 - f / lr) * (s + 1 - W) / (S - W); optimiser step s (from 0) runs at lr times that factor."""
     from speechclip_plus.train.scheduler import build_scheduler
 
+    lr, f, W, S = 1e-3, 1e-5, 4, 12
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([p], lr=1e-3)
-    sched = build_scheduler(opt, warmup_steps=4, max_steps=12, final_lr=1e-5)
+    opt = torch.optim.Adam([p], lr=lr)
+    sched = build_scheduler(opt, warmup_steps=W, max_steps=S, final_lr=f)
     lrs = []
-    for _ in range(16):
+    for _ in range(S + 3):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(1e-3 / 4)  # warm-up starts near 0, not at 0
-    assert lrs[3] == pytest.approx(1e-3)
-    assert all(a < b for a, b in zip(lrs[:3], lrs[1:4]))
-    assert lrs[4] == pytest.approx(1e-3)  # decay starts at warmup_steps
-    assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13]))
-    assert lrs[8] == pytest.approx(1e-3 + (1e-5 - 1e-3) * 4 / 8)
-    assert lrs[12:] == pytest.approx([1e-5] * 4)  # held at final_lr after max_steps
+    reference = [lr * ((s + 1) / W if s < W else 1 - (1 - f / lr) * (s + 1 - W) / (S - W)) for s in range(S)]
+    assert lrs[:S] == pytest.approx(reference, rel=1e-12)
+    assert lrs[0] == pytest.approx(lr / 4)  # warm-up starts near 0, not at 0
+    assert lrs[W - 1] == pytest.approx(lr)  # the peak is the last warm-up step
+    assert lrs[W] == pytest.approx(lr * (1 - 0.99 / 8))  # decay already at the first step after warm-up
+    assert lrs[S - 1] == pytest.approx(f)  # the last optimiser step runs at final_lr
+    assert lrs[S:] == pytest.approx([f] * 3)  # held there if training goes on
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -185,7 +124,7 @@ def _trainer(cfg, exp, **kw):
     return Trainer(cfg, str(exp), progress=False, console=False, **kw)
 
 
-def test_trainer_writes_checkpoints_metrics_and_logs(corpus, tmp_path):
+def test_trainer_writes_checkpoints_metrics_and_logs(corpus, tmp_path, tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = tiny_config("cplus", max_steps=4, valid_every=2, batch_size=4, keep_checkpoints=1, warmup_steps=1,
@@ -231,7 +170,7 @@ def test_trainer_writes_checkpoints_metrics_and_logs(corpus, tmp_path):
         _trainer(cfg, exp)
 
 
-def test_gradient_accumulation_averages_micro_batch_gradients(corpus, tmp_path):
+def test_gradient_accumulation_averages_micro_batch_gradients(corpus, tmp_path, tiny_config):
     """accum_grad=2: the step's gradient is the mean of the two micro-batches' gradients."""
     from speechclip_plus.data import collate
 
@@ -259,7 +198,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients(corpus, tmp_path):
         torch.testing.assert_close(seen[0][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path):
+def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path, tiny_config):
     from speechclip_plus.train.trainer import TrainingDiverged
 
     cfg = tiny_config("p", max_steps=6, valid_every=2, batch_size=4, max_bad_steps=3, **corpus)
@@ -288,6 +227,179 @@ def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path):
     assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())
 
 
+def test_fp16_overflow_skips_the_step_without_moving_the_schedule(corpus, tmp_path, tiny_config):
+    """A GPU's fp16 path, driven on the CPU with a real GradScaler: gradients that overflow (finite loss) make
+    the scaler skip the update; that step must not count, move the LR schedule or reset the bad-step count."""
+    from speechclip_plus.config import ConfigError
+    from speechclip_plus.train.trainer import TrainingDiverged
+
+    train = {k: v for k, v in corpus.items() if not k.startswith("valid")}
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        _trainer(tiny_config("p", precision="fp16", **train), tmp_path / "refused")
+    cfg = tiny_config("p", max_steps=6, valid_every=100, batch_size=4, max_bad_steps=3, warmup_steps=2, **train)
+    tr = _trainer(cfg, tmp_path / "exp")
+    tr.fp16, tr.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    overflow = {"on": False}
+    tr.raw_model.parallel.proj.weight.register_hook(lambda g: g * float("inf") if overflow["on"] else g)
+    real_step = tr._optimizer_step
+    snapshot = {}
+
+    def step(window):
+        ok, norm = real_step(window)
+        if tr.step == 0 and ok:  # the first step is good; from then on every step overflows
+            overflow["on"] = True
+            snapshot.update({n: p.detach().clone() for n, p in tr.raw_model.named_parameters()})
+            snapshot["lr"] = tr.optimizer.param_groups[0]["lr"]
+        return ok, norm
+
+    tr._optimizer_step = step
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        tr.fit()
+    assert tr.step == 1 and tr.total_bad_steps == 3 and tr.scheduler.last_epoch == 1
+    assert tr.optimizer.param_groups[0]["lr"] == snapshot["lr"]
+    assert tr.scaler.get_scale() == 2.0 ** 10 / 8  # halved at each skipped step
+    assert all(torch.equal(p, snapshot[n]) for n, p in tr.raw_model.named_parameters())
+
+
+@pytest.mark.parametrize("accum_grad,expected", [(1, [2, 4, 5]), (3, [1, 2, 3])])
+def test_validation_once_per_epoch(corpus, tmp_path, accum_grad, expected, tiny_config):
+    """valid_every: epoch (the reference's cadence): after the step that finishes an epoch's batches, or, when an
+    epoch ends inside an accumulation window, after that window's step; and at max_steps."""
+    cfg = tiny_config("p", batch_size=4, accum_grad=accum_grad, max_steps=expected[-1], valid_every="epoch",
+                      **corpus)
+    assert cfg["train"]["bucketing"] is False
+    tr = _trainer(cfg, tmp_path / "exp")
+    assert len(tr.sampler) == 2 and tr.sampler.bucketing is False  # 8 utterances, batches of 4
+    tr.fit()
+    records = [json.loads(x) for x in (tmp_path / "exp" / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == expected
+    assert "validated at the end of every epoch" in (tmp_path / "exp" / "train.log").read_text()
+    assert _trainer(tiny_config("p", bucketing=True, **corpus), tmp_path / "b").sampler.bucketing is True
+
+
+@pytest.mark.parametrize("branch", [None, "cascaded"])
+def test_checkpoints_are_selected_on_the_configured_branch(corpus, tmp_path, branch, tiny_config):
+    cfg = tiny_config("hplus", max_steps=4, valid_every=1, batch_size=4, model={"retrieval_branch": branch},
+                      **corpus)
+    tr = _trainer(cfg, tmp_path / "exp")
+    key = f"{branch or 'parallel'}/recall_mean_10"
+    assert tr.best["metric"] == key
+    tr.fit()
+    records = [json.loads(x) for x in (tmp_path / "exp" / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: (r[key], -r["step"]))
+    assert torch.load(tmp_path / "exp" / "checkpoints" / "best.pt", weights_only=True)["step"] == best["step"]
+
+
+def test_per_term_gradient_norms_at_the_shared_encoder(corpus, tmp_path, tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from speechclip_plus.data import collate
+
+    cfg = tiny_config("hplus", max_steps=2, valid_every=100, batch_size=4, log_every=1, log_grad_norms=True,
+                      **{k: v for k, v in corpus.items() if not k.startswith("valid")})
+    tr = _trainer(cfg, tmp_path / "exp")
+    tr.fit()
+    tr.close()
+    ev = EventAccumulator(str(tmp_path / "exp" / "tensorboard"))
+    ev.Reload()
+    for tag in ("train/grad_norm/cl_parallel", "train/grad_norm/cl_cascaded", "train/grad_norm/quantity",
+                "train/grad_cos/cl_parallel~cl_cascaded"):
+        assert [e.step for e in ev.Scalars(tag)] == [1, 2], tag
+    assert all(-1 <= e.value <= 1 for e in ev.Scalars("train/grad_cos/cl_parallel~cl_cascaded"))
+    # the gradient of w_p * L_p scales with w_p; the other terms' do not; the cosine is unchanged
+    model = tr.raw_model
+    batch = collate([tr.train_set[i] for i in range(4)])
+    stats = []
+    for w in (1.0, 3.0):
+        model.cfg["parallel"]["weight"] = w
+        torch.manual_seed(0)
+        stats.append(tr._term_gradients(model(**tr._inputs(batch))["weighted"]))
+    a, b = stats
+    assert float(b["grad_norm/cl_parallel"]) == pytest.approx(3 * float(a["grad_norm/cl_parallel"]), rel=1e-4)
+    assert float(b["grad_norm/cl_cascaded"]) == pytest.approx(float(a["grad_norm/cl_cascaded"]), rel=1e-4)
+    assert float(b["grad_cos/cl_parallel~cl_cascaded"]) == pytest.approx(
+        float(a["grad_cos/cl_parallel~cl_cascaded"]), abs=1e-4)
+
+
+def test_a_loss_selects_the_lowest_validation_and_a_recall_the_highest(corpus, tmp_path, tiny_config):
+    """train.select_metric: a loss is "min" (best = the lowest validation loss), a recall "max"; a metric without
+    a branch prefix is the retrieval branch's; an unknown one is an error listing the available ones."""
+    from speechclip_plus.config import ConfigError
+
+    rows = {}
+    for metric in ("loss", "speech_to_image_r1"):
+        cfg = tiny_config("p", max_steps=4, valid_every=1, batch_size=4, select_metric=metric, lr=3e-3, **corpus)
+        tr = _trainer(cfg, tmp_path / metric)
+        tr.fit()
+        tr.close()
+        lines = (tmp_path / metric / "checkpoints" / "metrics.jsonl").read_text().splitlines()
+        rows[metric] = [json.loads(x) for x in lines]
+        key = "loss" if metric == "loss" else "parallel/speech_to_image_r1"
+        values = [r[key] for r in rows[metric]]
+        pick = min if metric == "loss" else max
+        best_step = rows[metric][values.index(pick(values))]["step"]  # the first of equal values
+        assert [r["step"] for r in rows[metric] if r["best"]][-1] == best_step, (metric, values)
+        best = torch.load(tmp_path / metric / "checkpoints" / "best.pt", weights_only=True)
+        assert best["step"] == best_step and tr.best["mode"] == ("min" if metric == "loss" else "max")
+    assert len({r["loss"] for r in rows["loss"]}) > 1  # the losses moved: "min" and "max" pick different steps
+    cfg = tiny_config("p", max_steps=1, valid_every=1, batch_size=4, select_metric="recall_mean_7", **corpus)
+    with pytest.raises(ConfigError, match=r"'parallel/recall_mean_7' is not a validation metric; available: .*loss"):
+        _trainer(cfg, tmp_path / "bad").fit()
+
+
+def test_adamw_is_the_decoupled_optimiser_and_resumes_as_such(corpus, tmp_path, tiny_config):
+    """train.optimizer: adamw builds torch's AdamW (decoupled weight decay) with the configured decay; the same
+    step from the same state equals torch.optim.AdamW's own; a resumed run restores its state."""
+    adam = _trainer(tiny_config("p", **corpus), tmp_path / "adam")
+    assert type(adam.optimizer) is torch.optim.Adam  # the default (the reference's)
+    adam.close()
+    cfg = tiny_config("p", max_steps=2, valid_every=2, batch_size=4, optimizer="adamw", weight_decay=0.5, lr=1e-2,
+                      warmup_steps=0, **corpus)
+    tr = _trainer(cfg, tmp_path / "exp")
+    assert type(tr.optimizer) is torch.optim.AdamW
+    assert [g["weight_decay"] for g in tr.optimizer.param_groups] == [0.5]
+    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    reference = [torch.nn.Parameter(p.clone()) for p in start]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    for p, g in zip(reference, grads):
+        p.grad = g.clone()
+    tr.optimizer.step()
+    torch.optim.AdamW(reference, lr=tr.optimizer.param_groups[0]["lr"], weight_decay=0.5).step()
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.detach(), r.detach())
+    with torch.no_grad():
+        for p, s0 in zip(params, start):
+            p.copy_(s0)
+    tr.optimizer.state.clear()
+    tr.fit()
+    tr.close()
+    again = _trainer(dict(cfg, train=dict(cfg["train"], max_steps=3)), tmp_path / "exp", resume=True)
+    assert type(again.optimizer) is torch.optim.AdamW and again.step == 2
+    assert all(int(st["step"]) == 2 for st in again.optimizer.state.values())
+    again.close()
+
+
+def test_close_releases_the_log_files_and_the_event_writer(corpus, tmp_path, tiny_config):
+    """Trainer.close flushes and closes train.log (and the per-rank logs) and TensorBoard: after it the training
+    logger holds no handler and every file it wrote is complete."""
+    import logging
+
+    from speechclip_plus.train.logging import LOGGER_NAME
+
+    cfg = tiny_config("p", max_steps=1, valid_every=1, batch_size=4, **corpus)
+    tr = _trainer(cfg, tmp_path / "exp")
+    logger = logging.getLogger(LOGGER_NAME)
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    assert [os.path.basename(h.baseFilename) for h in files] == ["train.log"] and files[0].stream is not None
+    tr.fit()
+    tr.close()
+    assert logger.handlers == [] and files[0].stream is None and tr.writer._writer is None
+    assert "finished at step 1" in (tmp_path / "exp" / "train.log").read_text().splitlines()[-1]
+
+
 def test_cli_trains_writes_exp_dir_and_resumes(corpus, tmp_path):
     exp = tmp_path / "exp"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -296,7 +408,7 @@ def test_cli_trains_writes_exp_dir_and_resumes(corpus, tmp_path):
            "--train_data", corpus["train_data"], "--valid_data", corpus["valid_data"],
            "--image_embeds", corpus["image_embeds"], "--valid_image_embeds", corpus["valid_image_embeds"],
            "--exp_dir", str(exp), "--no_progress", "--train.max_steps", "2", "--train.valid_every", "1",
-           "--train.batch_size", "4", "--train.num_workers", "0", "--train.amp", "true"]
+           "--train.batch_size", "4", "--train.num_workers", "0", "--train.precision", "auto"]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     for f in ("config.yaml", "train.log", "run.sh", "checkpoints/last.pt", "checkpoints/best.pt",

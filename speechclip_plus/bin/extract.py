@@ -1,14 +1,15 @@
 """Extract speech embeddings of a data dir to a kaldiio ark/scp pair.
 
-    python -m speechclip_plus.bin.extract (--model model.pt | --exp_dir exp/<tag> [--checkpoint best]) \\
+    python -m speechclip_plus.bin.extract (--model model.pt|hf://ORG/NAME[@REV] | --exp_dir exp/<tag> \\
+        [--checkpoint best]) \\
         --data_dir data/test --out_dir <dir> [--branch parallel|cascaded|combined|hidden] [--layer -1]
 
 Utterance branches (parallel, cascaded, combined = normalize(parallel + cascaded); default: the model's
 retrieval branch) write one unit-norm float32 vector (E,) per utterance. ``hidden`` writes a float32 matrix
 (T, D) per utterance: hidden state ``--layer`` of the list SUPERB sees (upstream states, then the attention
 block's frame outputs; -1 = the last), frames past the utterance's length removed.
-Output: <out_dir>/embed.ark and embed.scp (``<utt> <absolute ark path>:<offset>``), written under temporary
-names and renamed when complete.
+Output: <out_dir>/embed.ark and embed.scp (``<utt> <absolute ark path>:<offset>``, sorted by utterance), written
+under temporary names and renamed when complete (``data.kaldi_ark.write_ark_scp``, the image cache's writer too).
 """
 from __future__ import annotations
 
@@ -21,44 +22,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 log = logging.getLogger("speechclip_plus.extract")
-ARK, SCP = "embed.ark", "embed.scp"
-
-
-def write_ark_scp(out_dir: str, items: Iterator[Tuple[str, np.ndarray]]) -> Tuple[str, int]:
-    """Write ``(key, float32 array)`` pairs to ``out_dir/embed.{ark,scp}`` atomically; returns (scp, count).
-
-    The old scp is removed first, then the complete ark and scp are renamed into place, so an scp never
-    points into an ark it was not written for.
-    """
-    import kaldiio
-
-    from ..io import remove_stale_temps, temp_path_for
-
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    remove_stale_temps(out_dir)  # a killed earlier run's partial ark
-    ark_final, scp_final = os.path.join(out_dir, ARK), os.path.join(out_dir, SCP)
-    ark_tmp, scp_tmp = temp_path_for(ark_final), temp_path_for(scp_final)
-    lines: List[str] = []
-    try:
-        with open(ark_tmp, "wb") as ark:
-            for key, arr in items:
-                offset = ark.tell() + len(key.encode("utf-8")) + 1  # the data follows "<key> "
-                kaldiio.save_ark(ark, {key: np.ascontiguousarray(arr, dtype=np.float32)})
-                lines.append(f"{key} {ark_final}:{offset}\n")
-            ark.flush()
-            os.fsync(ark.fileno())
-        with open(scp_tmp, "w", encoding="utf-8") as f:
-            f.writelines(sorted(lines))
-        if os.path.exists(scp_final):
-            os.remove(scp_final)
-        os.replace(ark_tmp, ark_final)
-        os.replace(scp_tmp, scp_final)
-    finally:
-        for tmp in (ark_tmp, scp_tmp):
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return scp_final, len(lines)
+NAME = "embed"  # <out_dir>/embed.{ark,scp}
 
 
 def extract(model, data_dir: str, branch: str, layer: int = -1, batch_size: int = 16, device: str = "cpu",
@@ -90,7 +54,7 @@ def extract(model, data_dir: str, branch: str, layer: int = -1, batch_size: int 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model file from speechclip_plus.bin.export")
+    src.add_argument("--model", help="model file (bin.export / bin.import_reference) or hf://ORG/NAME[@REVISION]")
     src.add_argument("--exp_dir", help="experiment dir (uses --checkpoint)")
     parser.add_argument("--checkpoint", default="best", help="with --exp_dir: best | last | path")
     parser.add_argument("--data_dir", required=True, help="Kaldi data dir")
@@ -100,23 +64,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--layer", type=int, default=-1, help="hidden state index for --branch hidden")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--batched_upstream", action="store_true", help="run the upstream on padded batches")
+    parser.add_argument("--batched_upstream", action="store_true",
+                        help="run the upstream on padded batches even when it is not batch-invariant "
+                             "(faster; default: only when it is)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (extract) %(levelname)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..api import ModelFileError, load_exp_dir, load_model_file
+    from ..model_file import ModelFileError, load_any, load_exp_dir
     from ..data.datadir import DataError
+    from ..data.kaldi_ark import write_ark_scp
 
     try:
-        model, _, _ = load_model_file(args.model) if args.model else load_exp_dir(args.exp_dir, args.checkpoint)
+        model, _, _ = load_any(args.model) if args.model else load_exp_dir(args.exp_dir, args.checkpoint)
         branch = args.branch or model.retrieval_branch
         available = list(model.branches) + (["combined"] if len(model.branches) == 2 else []) + ["hidden"]
         if branch not in available:
             raise ValueError(f"--branch {branch}: variant '{model.variant}' offers {', '.join(available)}")
-        model.upstream.per_utterance = not args.batched_upstream
+        model.upstream.per_utterance = False if args.batched_upstream else "auto"
         model.to(args.device)
-        scp, n = write_ark_scp(args.out_dir, extract(model, args.data_dir, branch, args.layer, args.batch_size,
+        scp, n = write_ark_scp(args.out_dir, NAME, extract(model, args.data_dir, branch, args.layer, args.batch_size,
                                                      args.device, not args.no_progress))
     except (ModelFileError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,8 @@
         [--ngpu N | --nproc N] [--num_nodes M --node_rank K --master_addr HOST --master_port PORT] \\
         [--train.lr 1e-4 --model.cif.threshold 0.9 ...]
 
+Before training it warns when train.select_metric is a recall that the valid set cannot move (R@k is 1 for
+any model when the set has k images or fewer: eval.retrieval.selection_warning).
 Writes <exp_dir>/config.yaml (resolved, with the data paths), train.log (train.rank<k>.log per rank when
 distributed), tensorboard/, checkpoints/{last,best,step-N}.pt + metrics.jsonl, and run.sh (resumes the run).
 Several processes: --ngpu N (GPUs, NCCL) or --nproc N (CPU processes, gloo) re-launch this command under
@@ -26,7 +28,7 @@ import shlex
 import socket
 import subprocess
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..config import ConfigError, dump_config, load_config
 
@@ -129,10 +131,9 @@ def write_run_sh(exp_dir: str, launch: List[str]) -> None:
             f"cd {shlex.quote(os.getcwd())}\n"
             f"{' '.join(shlex.quote(c) for c in cmd)} \"$@\"\n")
     path = os.path.join(exp_dir, "run.sh")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=0o755) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o755)
 
 
 def dry_run(cfg: dict) -> None:
@@ -160,6 +161,28 @@ def dry_run(cfg: dict) -> None:
     print("dry run: OK")
 
 
+def warn_small_valid_set(cfg: dict) -> Optional[str]:
+    """Print (stderr) and return ``eval.retrieval.selection_warning`` for the valid set: the recall chosen by
+    ``train.select_metric`` is 1 for any model when the set has too few images."""
+    valid = cfg["train"]["valid_data"]
+    if not valid:
+        return None
+    from ..data.datadir import DataDir, DataError
+    from ..eval.retrieval import selection_warning
+
+    try:
+        utt2img = DataDir(valid).utt2img
+    except DataError:
+        return None  # the trainer reports the data dir's problem
+    if not utt2img:
+        return None
+    row = {img: k for k, img in enumerate(sorted(set(utt2img.values())))}
+    warning = selection_warning([row[img] for img in utt2img.values()], cfg["train"]["select_metric"], valid)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return warning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, args, overrides = parse_args(argv)
@@ -182,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   "(use --ngpu 0 or --nproc N to train on CPU)")
         under_torchrun = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
         if (nproc > 1 or args.num_nodes > 1) and not under_torchrun:
-            return relaunch(args, argv, nproc, device)
+            return relaunch(args, argv, nproc, device, cfg)
         if not under_torchrun or int(os.environ.get("RANK", "0")) == 0:
             if os.environ.get(_CHILD_ENV) != "1":
                 launch = [] if device == "auto" else ["--device", device]
@@ -196,11 +219,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         print(f"error: cannot write to the experiment dir {args.exp_dir}: {e}", file=sys.stderr)
         return 3
+    if os.environ.get(_CHILD_ENV) != "1" and os.environ.get("RANK", "0") == "0":
+        warn_small_valid_set(cfg)
     return train(cfg, args.exp_dir, device, args.resume, progress=not args.no_progress)
 
 
-def relaunch(args, argv: Sequence[str], nproc: int, device: str) -> int:
-    """Run this command under torchrun with ``nproc`` processes per node; returns torchrun's exit status."""
+def launch_commands(args, argv: Sequence[str], nproc: int, device: str) -> Tuple[List[str], List[str]]:
+    """(the torchrun command of this run with ``nproc`` processes per node, the process options run.sh repeats).
+
+    The children get ``argv`` without the process options (they must not re-launch) plus ``--device``. Several
+    nodes need ``--master_port`` (every node must use the same one); one node picks a free port.
+    """
     from ..train.distributed import torchrun_command
 
     if args.num_nodes > 1 and args.master_port is None:
@@ -212,11 +241,23 @@ def relaunch(args, argv: Sequence[str], nproc: int, device: str) -> int:
                    "--master_addr", args.master_addr, "--master_port", str(port)]
     if device != "auto" and not (device == "cuda" and args.ngpu):
         launch += ["--device", device]
+    child_args = _strip_launch_args(argv) + ["--device", device]
+    try:
+        cmd = torchrun_command(child_args, nproc, args.num_nodes, args.node_rank, args.master_addr, port)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cmd, launch
+
+
+def relaunch(args, argv: Sequence[str], nproc: int, device: str, cfg: Optional[dict] = None) -> int:
+    """Run this command under torchrun with ``nproc`` processes per node; returns torchrun's exit status.
+    Node 0 writes run.sh (and warns about the valid set); the other nodes write nothing."""
+    cmd, launch = launch_commands(args, argv, nproc, device)
     if args.node_rank == 0:
         os.makedirs(args.exp_dir, exist_ok=True)
         write_run_sh(args.exp_dir, launch)
-    child_args = _strip_launch_args(argv) + ["--device", device]
-    cmd = torchrun_command(child_args, nproc, args.num_nodes, args.node_rank, args.master_addr, port)
+        if cfg is not None:
+            warn_small_valid_set(cfg)
     env = dict(os.environ, **{_CHILD_ENV: "1"})
     print("launching: " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
     return subprocess.call(cmd, env=env)
@@ -229,7 +270,6 @@ def train(cfg: dict, exp_dir: str, device: str, resume: bool, progress: bool = T
     from ..train.trainer import Trainer, TrainingDiverged
 
     dist_info = init_distributed(device)
-    trainer = None
     try:
         trainer = Trainer(cfg, exp_dir, dist_info, resume=resume, progress=progress)
         try:
@@ -237,16 +277,16 @@ def train(cfg: dict, exp_dir: str, device: str, resume: bool, progress: bool = T
         except TrainingDiverged as e:
             trainer.log.error(str(e))
             return 1
+        except OSError as e:  # disk full, read-only file system, ...: the last checkpoint written stays valid
+            trainer.log.error(f"error: {e}")  # train.log and the console (a failing log write is reported)
+            return 3
         finally:
-            trainer.close()
+            trainer.close()  # the log files are closed: nothing is logged after this
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, read-only file system, ...: the last checkpoint written stays valid
-        if trainer is not None:  # train.log and the console (a failing log write is reported, not raised)
-            trainer.log.error(f"error: {e}")
-        else:
-            print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # before the trainer (and its log) exists
+        print(f"error: {e}", file=sys.stderr)
         return 3
     finally:
         cleanup()
