@@ -397,6 +397,7 @@ def duration_targets(
             "speechclip_plus/models/cif.py: duration_targets: downsample_rate, sample_rate and "
             f"seconds_per_keyword must be > 0, got {downsample_rate}, {sample_rate}, {seconds_per_keyword}"
         )
-    frames = torch.as_tensor(feat_lens).to(torch.float64)
+    # a tensor stays on its device (torch.as_tensor would move it to the default device)
+    frames = feat_lens.to(torch.float64) if torch.is_tensor(feat_lens) else torch.tensor(feat_lens, dtype=torch.float64)
     samples_per_keyword = float(sample_rate) * float(seconds_per_keyword)
     return torch.round(frames * float(downsample_rate) / samples_per_keyword).clamp(1, max_length).long()
