@@ -3,7 +3,8 @@
 Run: ``python bench/cif.py`` (float32, S=250, C=768, B=64 and 256).  Runs on CUDA when it is available (timed
 with CUDA events around each call, the device synchronised before and after), else on the CPU with 2 threads
 (wall clock); ``--device`` and ``--threads`` override.  Prints a table, checks that ours agrees with torch-cif where the
-semantics coincide, and writes the table into ``bench/RESULTS.md`` under "## CIF" (other sections are kept).
+semantics coincide, and writes the table into ``bench/RESULTS.md`` under "## CIF" (on a GPU: "## CIF, GPU: <name>"; other sections are
+kept).
 
 Workload: frame counts 150..250 per batch (right padding), weights ``sigmoid(1.5 z - 3.2)``, training targets
 ``round(frames / 20)`` (8-12 keywords).  The same weights give about twice as many keywords at inference
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _device import add_device_option, choose_device, section, stopwatch  # noqa: E402
 from cif_loop import cif_loop  # noqa: E402
 
 from speechclip_plus.eval.report import write_md_section  # noqa: E402
@@ -69,27 +71,11 @@ def make_inputs(B: int, device: torch.device, seed: int = 0):
     return tuple(x.to(device) for x in (hidden, alpha, pad_mask, targets))
 
 
-def stopwatch(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """``time(fn)`` -> ms of one call: CUDA events on a GPU (device idle before, waited for after), else wall."""
-    if device.type == "cuda":
-
-        def time_cuda(fn: Callable[[], object]) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-
-        return time_cuda
-
-    def time_cpu(fn: Callable[[], object]) -> float:
-        t0 = time.perf_counter()
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """ms of one call of ``fn`` (``_device.stopwatch``: CUDA events on a GPU, else the wall clock)."""
+    with stopwatch(device) as t:
         fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    return time_cpu
+    return t.seconds * 1e3
 
 
 def timeit(fns: Dict[str, Callable[[], object]], device: torch.device, budget: float, min_reps: int = 3,
@@ -99,15 +85,14 @@ def timeit(fns: Dict[str, Callable[[], object]], device: torch.device, budget: f
     The functions are run in interleaved rounds, so a load change on the shared machine hits all of them;
     the minimum is the least disturbed run.
     """
-    clock = stopwatch(device)
     for fn in fns.values():
-        clock(fn)
+        time_ms(fn, device)
     times: Dict[str, List[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     reps = 0
     while reps < min_reps or (reps < max_reps and time.perf_counter() - start < budget):
         for name, fn in fns.items():
-            times[name].append(clock(fn))
+            times[name].append(time_ms(fn, device))
         reps += 1
     return {name: min(ts) for name, ts in times.items()}
 
@@ -211,14 +196,13 @@ def machine(device: torch.device) -> str:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per implementation")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda (the default when available) or cpu")
+    add_device_option(parser)
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="Markdown file to update")
     parser.add_argument("--baseline", help="another version of speechclip_plus/models/cif.py, timed alongside")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the project machine has 2)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = choose_device(args.device)
     baseline = load_baseline(args.baseline) if args.baseline else None
     torch.set_num_threads(args.threads)
     tc = _torch_cif()
@@ -345,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        write_md_section(args.results, "CIF", table, header="# Benchmarks")
+        write_md_section(args.results, section("CIF", device), table, header="# Benchmarks")
 
 
 if __name__ == "__main__":
