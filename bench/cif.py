@@ -185,6 +185,12 @@ def keyword_counts(hidden, alpha, pad_mask, targets) -> str:
     return f"{lengths.mean().item():.1f} / {int(lengths.max().item())}"
 
 
+def command_options(argv: Optional[List[str]]) -> str:
+    """The options of this run for the table header (file paths by their base name only)."""
+    args = [os.path.basename(a) if os.sep in a else a for a in (sys.argv[1:] if argv is None else argv)]
+    return "".join(" " + a for a in args)
+
+
 def machine(device: torch.device) -> str:
     """The device the times come from, for the table header."""
     if device.type == "cuda":
@@ -253,11 +259,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     loop_diff = (cif(hidden, alpha, pad_mask, targets).feats - ref_f).abs().max().item()
 
     lines = [
-        f"`python bench/cif.py`: torch {torch.__version__}, {machine(device)}, float32, S={S}, C={C}; "
+        f"`python bench/cif.py{command_options(argv)}`: torch {torch.__version__}, {machine(device)}, float32, S={S}, C={C}; "
         f"load average at start {load:.2f}; torch-cif {'0.2.0' if tc is not None else 'absent (skipped)'}",
         "",
         "Best of interleaved repeats (ms). Floor: forward = one read of the (B, S, C) frames; forward+backward = "
-        "two reads of the frames and one write of a (B, S, C) tensor.",
+        "two reads of the frames and one write of a (B, S, C) tensor."
+        + (f" Baseline: `{os.path.basename(args.baseline)}`, another cif.py timed in the same rounds (e.g. the "
+           "version before a change: `git show REV:speechclip_plus/models/cif.py`)." if baseline else ""),
         "",
         "| mode | B | pass | keywords mean / max | ours ms | torch-cif ms | floor ms | torch-cif / ours "
         "| ours / floor |" + (" baseline ms | baseline / ours |" if baseline else ""),
