@@ -118,8 +118,12 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
 
 
 def torch_save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file and a rename."""
+    """``torch.save(obj, path)`` through a temporary file and a rename.
+
+    Saved through a file object, so the archive inside is named "archive" whatever the file's name: equal
+    objects give equal bytes (content digests of weights files, such as the image-cache key, depend on it).
+    """
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

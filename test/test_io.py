@@ -8,7 +8,7 @@ import pytest
 
 from speechclip_plus.data.datadir import DataError
 from speechclip_plus.data.kaldi_ark import EmbeddingScp, write_ark_scp
-from speechclip_plus.io import atomic_path, atomic_write_text, remove_stale_temps, temp_path_for
+from speechclip_plus.io import atomic_path, atomic_write_text, remove_stale_temps, temp_path_for, torch_save_atomic
 
 
 def _mode(path) -> int:
@@ -71,3 +71,14 @@ def test_ark_scp_failure_keeps_the_previous_pair_and_no_temporary_file(tmp_path)
         write_ark_scp(tmp_path, "embed", [("a b", np.zeros(3))])
     assert {p: (tmp_path / p).read_bytes() for p in ("embed.ark", "embed.scp")} == before
     assert sorted(os.listdir(tmp_path)) == ["embed.ark", "embed.scp"]
+
+
+def test_equal_objects_saved_under_different_names_have_equal_bytes(tmp_path):
+    """Content digests of weights files (the image-cache key) must not depend on the file's name."""
+    import torch
+
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch_save_atomic(state, tmp_path / "teacher.pt")
+    torch_save_atomic(state, tmp_path / "copy_of_teacher.pt")
+    assert (tmp_path / "teacher.pt").read_bytes() == (tmp_path / "copy_of_teacher.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "teacher.pt")["w"], state["w"])
