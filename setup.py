@@ -8,6 +8,7 @@ install_requires = [
     "torchaudio==2.11.0",
     "open_clip_torch==3.3.0",
     "s3prl==0.4.18",
+    "huggingface_hub==2.4.0",
     "sentencepiece",
     "kaldiio",
     "pyyaml",
@@ -20,7 +21,8 @@ install_requires = [
     "Pillow",
 ]
 
-TOOLS = ["train", "score", "export", "extract", "embed_images", "make_vocab", "format_audio", "validate_data"]
+TOOLS = ["train", "score", "export", "extract", "embed_images", "make_vocab", "format_audio", "validate_data",
+         "import_reference"]
 
 setup(
     name="speechclip_plus",

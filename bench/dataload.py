@@ -1,7 +1,8 @@
 """Data-pipeline throughput vs the model's consumption rate, egs/mini h+ config (target: the loader is never
 the bottleneck).
 
-Run: ``python bench/dataload.py`` (``--quick`` for a smaller run that does not touch RESULTS.md).
+Run: ``python bench/dataload.py`` (``--quick`` for a smaller run that does not touch RESULTS.md). The model runs
+on the GPU when CUDA is available (``--device``; the loader stays on the CPU, as in training).
 
 Data: a generated data dir in a temp dir (``make_corpus``): ``--utts`` 16 kHz 16-bit PCM WAV files of 2-4 s
 written with soundfile, 5 captions per image, tiny PNG images, ``utt2dur`` (as stage 1 leaves it) and a kaldiio
@@ -22,9 +23,11 @@ the ones training uses.
    and model share the 2 cores) and once with 0: the time waiting for each batch is measured apart from the
    computation. Model rate = utterances / compute seconds; "waiting share" = waits after the epoch's first
    batch / loop time after it (the first wait, worker start-up plus one batch, is paid once per epoch and
-   reported on its own).
+   reported on its own). Waits are host wall time; compute time is wall time on the CPU and CUDA events
+   (``bench/_device.py``) on a GPU.
 
-Writes its tables to bench/RESULTS.md under "## Data loading" (other sections are left alone).
+Writes its tables to bench/RESULTS.md under "## Data loading" (on a GPU: "## Data loading, GPU: <name>"; other
+sections are left alone).
 """
 from __future__ import annotations
 
@@ -38,14 +41,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _device import add_device_option, choose_device, describe, section, stopwatch  # noqa: E402
 
 MINI_CONFIG = ROOT / "egs" / "mini" / "conf" / "mini_hplus.yaml"
 WORDS = ("a", "dog", "red", "ball", "runs", "on", "the", "grass", "blue", "boat", "near", "water", "small", "kite")
@@ -108,16 +115,19 @@ def clip_embed_dim(cfg: Dict) -> int:
         return int(json.load(f)["embed_dim"])
 
 
-def build_trainer(config: Path, overrides: Sequence[str], data_dir: str, scp: str, exp_dir: str):
-    """A real ``Trainer`` (model, sampler, optimiser) on the generated data; never validates or saves."""
+def build_trainer(config: Path, overrides: Sequence[str], data_dir: str, scp: str, exp_dir: str,
+                  device: Union[str, torch.device] = "cpu"):
+    """A real ``Trainer`` (model, sampler, optimiser) on ``device`` and the generated data; never validates or
+    saves."""
     from speechclip_plus.config import load_config
+    from speechclip_plus.train.distributed import DistInfo
     from speechclip_plus.train.trainer import Trainer
 
     big = "1000000"
     cfg = load_config(str(config), list(overrides) + [
         "--train.train_data", data_dir, "--train.image_embeds", scp, "--train.max_steps", big,
         "--train.valid_every", big, "--train.log_every", big])
-    trainer = Trainer(cfg, exp_dir, progress=False, console=False)
+    trainer = Trainer(cfg, exp_dir, DistInfo(device=str(device)), progress=False, console=False)
     logging.getLogger("speechclip_plus.train").setLevel(logging.WARNING)
     return trainer
 
@@ -168,10 +178,11 @@ def training_loop(trainer, epoch: int, steps: int, deadline: float = float("inf"
         batch = next(batches)
         t1 = time.perf_counter()
         trainer.batches_done += 1
-        train_step(trainer, batch)
+        with stopwatch(trainer.device) as step:
+            train_step(trainer, batch)
         waits.append(t1 - t)
         t = time.perf_counter()
-        computes.append(t - t1)
+        computes.append(step.seconds)
         utts += len(batch["wav_len"])
     batches.close()  # the DataLoader iterator goes, its workers shut down
     later = sum(waits[1:])
@@ -191,11 +202,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer utterances and steps; implies --no-write")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    add_device_option(ap)
     args = ap.parse_args(argv)
+    device = choose_device(args.device)
     if args.quick:
         args.utts, args.epochs, args.steps, args.budget, args.no_write = 320, 1, 3, 30.0, True
-    import torch
-
     torch.set_num_threads(2)
     workers = [int(w) for w in args.workers.split(",")]
     load_start = load_average()
@@ -210,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         data_dir, scp = make_corpus(tmp, args.utts, 2.0, 4.0, dim)
         gen_s = time.perf_counter() - t0
         print(f"generated {args.utts} utterances in {gen_s:.1f} s", file=sys.stderr, flush=True)
-        trainer = build_trainer(Path(args.config), overrides, data_dir, scp, os.path.join(tmp, "exp"))
+        trainer = build_trainer(Path(args.config), overrides, data_dir, scp, os.path.join(tmp, "exp"), device)
         tc = trainer.tc
         config_workers = tc["num_workers"]
         n_batches = len(trainer.sampler)
@@ -256,12 +267,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     total_s = time.perf_counter() - t_start
     model_utt_s = statistics.median(r["model_utt_s"] for r in loops.values())
     from speechclip_plus.train.precision import precision_name
-    amp = precision_name(torch.device("cpu"), bool(tc["amp"]))
+    amp = precision_name(device, tc["precision"])
+    where = (f"{describe(device)}" if device.type != "cuda" else
+             f"model on {describe(device)} (compute timed with CUDA events), host {platform.machine()}, "
+             f"{os.cpu_count()} CPUs")
     lines = [
         f"`python bench/dataload.py`: egs/mini h+ config (`{Path(args.config).relative_to(ROOT)}`, "
         f"`model.clip.pretrained null`), batch size {tc['batch_size']}, {args.utts} generated utterances of 2-4 s "
         f"(16 kHz 16-bit WAV, kaldiio embedding scp), {n_batches} batches per epoch; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {amp}, {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{torch.get_num_threads()} threads, {amp}, {where}; "
         f"load average {load_start} at start, {load_end} at end (1/5/15 min); {total_s:.0f} s in all.",
         "",
         "| pipeline | utterances/s | loader / model |",
@@ -312,8 +326,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not args.no_write:
         from speechclip_plus.eval.report import write_md_section
 
-        write_md_section(args.results, "Data loading", body, header="# Benchmarks")
-        print(f"updated {args.results}")
+        title = section("Data loading", device)
+        write_md_section(args.results, title, body, header="# Benchmarks")
+        print(f"updated {args.results} ({title})")
 
 
 if __name__ == "__main__":

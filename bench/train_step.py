@@ -1,6 +1,7 @@
 """One SpeechCLIP+ h+ training step at base width, split by model part; image-embedding cache vs CLIP image tower.
 
-Run: ``python bench/train_step.py`` (``--quick``: batch 8, fewer repeats, does not touch RESULTS.md).
+Run: ``python bench/train_step.py`` (``--quick``: batch 8, fewer repeats, does not touch RESULTS.md). Runs on the
+GPU when CUDA is available (``--device``).
 
 Model: ``speechclip_plus/conf/base_hplus.yaml`` (d_model 768, 8-head MHA block, CIF, duration targets, full CLIP
 vocabulary, the trainer's default precision: bf16 autocast on a CPU with native bf16, else float32) with two
@@ -29,19 +30,26 @@ Split: every step runs under ``torch.profiler``; the model's own modules and met
 changed). Forward time of a part = its range. Backward time of a part = the autograd nodes whose forward op ran
 inside its range (matched by sequence number); "other backward" = the rest of the backward (gradient
 accumulation into parameters, engine overhead). Figures are medians over the timed rounds.
+On the CPU a range's time is its wall time. On a GPU it is the time of the kernels launched inside it
+(``device_time_total``; the autograd engine runs the backward of CUDA ops in its own thread, whose nodes are
+matched the same way), the step's time comes from CUDA events (``bench/_device.py``), so the gap between the
+step and its parts is time the GPU sat idle (launch overhead, host reads, the profiler's own cost; an
+unprofiled cached step is timed too), and the peak GPU memory of a step is recorded
+(``torch.cuda.max_memory_allocated``, reset before the step).
 
 Check: step time <= 1.3 x (upstream forward + forward and backward of the parts on the gradient path: weighted
 sum, attention block, parallel branch, CIF, keyword projection/BatchNorm, quantiser, CLIP text encoder), i.e.
 loss, glue code, other backward and the optimiser together cost <= 30% of that.
 
-Writes its tables to bench/RESULTS.md under "## Training step" (other sections are left alone).
+Writes its tables to bench/RESULTS.md under "## Training step" (on a GPU: "## Training step, GPU: <name>"; other
+sections are left alone).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -53,12 +61,14 @@ from typing import Callable, Dict, List, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.autograd.profiler import record_function  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _device import add_device_option, choose_device, describe, peak_memory, section, stopwatch  # noqa: E402
 from dataload import build_trainer, load_average, make_corpus, train_step  # noqa: E402
 
 BASE_CONFIG = ROOT / "speechclip_plus" / "conf" / "base_hplus.yaml"
@@ -136,8 +146,9 @@ def instrument(trainer) -> Instrument:
     return ins
 
 
-def split(events) -> Dict[str, float]:
-    """Seconds per part of one profiled step (see the module docstring).
+def split(events, gpu: bool = False) -> Dict[str, float]:
+    """Seconds per part of one profiled step (see the module docstring): wall time of the host events on the CPU,
+    time of the kernels they launched with ``gpu``.
 
     Every op records the autograd sequence number the next node will get, and the op creating node n is the
     last forward op recording n; so node n belongs to the range of the latest-starting forward op with n.
@@ -145,6 +156,9 @@ def split(events) -> Dict[str, float]:
     fwd: Dict[str, float] = defaultdict(float)
     creator: Dict[int, tuple] = {}  # sequence number -> (start, range label)
     backward: List = []
+
+    def seconds(e) -> float:
+        return (e.device_time_total if gpu else e.time_range.elapsed_us()) / 1e6
 
     def ranges(e) -> tuple:
         """(innermost PREFIX range, True if inside a backward node)."""
@@ -157,9 +171,18 @@ def split(events) -> Dict[str, float]:
             e = e.cpu_parent
         return label, False
 
+    def inside_fwd_bwd(e) -> bool:
+        while e is not None:
+            if e.name == PREFIX + "fwd_bwd":
+                return True
+            e = e.cpu_parent
+        return False
+
     for e in events:
+        if e.device_type != DeviceType.CPU:  # kernels and GPU-side copies of the ranges: counted via their host op
+            continue
         if e.name.startswith(PREFIX):
-            fwd[e.name[len(PREFIX):]] += e.time_range.elapsed_us() / 1e6
+            fwd[e.name[len(PREFIX):]] += seconds(e)
         elif e.name.startswith("autograd::engine::evaluate_function: "):
             backward.append(e)
         elif e.sequence_nr >= 0:
@@ -171,9 +194,10 @@ def split(events) -> Dict[str, float]:
     out = {label: 0.0 for label, _ in PARTS}
     bwd: Dict[str, float] = defaultdict(float)
     for e in backward:
-        bwd[label_of_seq.get(e.sequence_nr, "backward_other")] += e.time_range.elapsed_us() / 1e6
+        bwd[label_of_seq.get(e.sequence_nr, "backward_other")] += seconds(e)
     parts_fwd = sum(v for k, v in fwd.items() if k not in OUTER + ("optimiser", "image_tower"))
-    backward_total = fwd["fwd_bwd"] - fwd["forward"]
+    # backward nodes in the calling thread are inside the fwd_bwd range; the engine's device threads' are not
+    backward_total = fwd["fwd_bwd"] - fwd["forward"] + sum(seconds(e) for e in backward if not inside_fwd_bwd(e))
     for label, _ in PARTS:
         out[label] = fwd.get(label, 0.0)
         out[label + ".bwd"] = bwd.get(label, 0.0)
@@ -185,25 +209,42 @@ def split(events) -> Dict[str, float]:
     return out
 
 
+def tower_step(trainer, batch: Dict, images: Optional[torch.Tensor]) -> None:
+    """One optimiser step; with ``images`` their embeddings (CLIP image tower, no grad) replace the cached ones."""
+    if images is not None:
+        with torch.no_grad(), trainer._autocast():
+            embeds = trainer.raw_model.encode_image(images)
+        batch = dict(batch, image_embed=embeds.float())
+    train_step(trainer, batch)
+
+
 def run_step(trainer, batch: Dict, images: Optional[torch.Tensor]) -> Dict[str, float]:
-    """One profiled optimiser step; with ``images`` their embeddings replace the cached ones."""
+    """One profiled optimiser step (``tower_step``), split by part; on a GPU also its peak memory."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        if images is not None:
-            with torch.no_grad(), trainer._autocast():
-                embeds = trainer.raw_model.encode_image(images)
-            batch = dict(batch, image_embed=embeds.float())
-        train_step(trainer, batch)
-        total = time.perf_counter() - t0
-    out = split(prof.events())
-    out["step"] = total
-    out["n_events"] = float(len(prof.events()))
+    device = trainer.device
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        with peak_memory(device) if gpu else contextlib.nullcontext() as mem, stopwatch(device) as t:
+            tower_step(trainer, batch, images)
+    events = prof.events()
+    out = split(events, gpu)
+    out["step"] = t.seconds
+    out["n_events"] = float(sum(e.device_type == DeviceType.CPU for e in events))
+    if gpu:
+        out["peak_bytes"] = mem.bytes
     core = out["upstream"] + sum(out[k] + out[k + ".bwd"] for k in TRAINABLE)
     out["core"] = core
-    out["ratio"] = total / core
+    out["ratio"] = t.seconds / core
     return out
+
+
+def plain_step(trainer, batch: Dict) -> float:
+    """Seconds of one cached step without the profiler."""
+    with stopwatch(trainer.device) as t:
+        tower_step(trainer, batch, None)
+    return t.seconds
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -216,11 +257,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--rounds", type=int, default=4, help="at most this many timed rounds (cache + tower)")
     ap.add_argument("--budget", type=float, default=80.0, help="seconds of timed rounds (at least 2 rounds)")
     ap.add_argument("--fp32", action="store_true",
-                    help="train.amp false (default: the config's amp, bf16 only on a CPU with native bf16)")
+                    help="train.precision fp32 (default: the config's precision; auto = bf16 only where native)")
     ap.add_argument("--quick", action="store_true", help="batch 8, 1 timed round; implies --no-write")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update bench/RESULTS.md")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    add_device_option(ap)
     args = ap.parse_args(argv)
+    device = choose_device(args.device)
+    gpu = device.type == "cuda"
     min_rounds = 2
     if args.quick:
         args.batch, args.rounds, args.no_write, min_rounds = 8, 1, True, 1
@@ -239,13 +283,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                      "--model.clip.name", str(CLIP_CONFIG), "--model.clip.pretrained", "null",
                      "--train.batch_size", str(args.batch), "--train.num_workers", "0"]
         if args.fp32:
-            overrides += ["--train.amp", "false"]
-        trainer = build_trainer(BASE_CONFIG, overrides, data_dir, scp, os.path.join(tmp, "exp"))
+            overrides += ["--train.precision", "fp32"]
+        trainer = build_trainer(BASE_CONFIG, overrides, data_dir, scp, os.path.join(tmp, "exp"), device)
         model = trainer.raw_model
         batch = next(iter(trainer._loader(trainer.train_set, trainer.sampler, 0)))
         size = int(model.clip.clip.visual.image_size[0] if isinstance(model.clip.clip.visual.image_size, tuple)
                    else model.clip.clip.visual.image_size)
-        images = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        images = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         instrument(trainer)
         model.train()
         print(f"  built in {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
@@ -253,7 +297,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_step(trainer, batch, None)  # warm-up: a cached step, then the image tower alone
         with torch.no_grad(), trainer._autocast():
             model.encode_image(images)
-        runs: Dict[str, List[Dict[str, float]]] = {"cache": [], "tower": []}
+        runs: Dict[str, List[Dict[str, float]]] = {"cache": [], "tower": [], "plain": []}
         t_rounds = time.perf_counter()
         while len(runs["cache"]) < args.rounds:
             elapsed = time.perf_counter() - t_rounds
@@ -262,13 +306,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                 break
             for kind in ("cache", "tower"):
                 runs[kind].append(run_step(trainer, batch, images if kind == "tower" else None))
+            if gpu:  # the profiler's cost shows on a GPU as idle time inside the step
+                runs["plain"].append({"step": plain_step(trainer, batch)})
             print(f"  round {done + 1}: cache {runs['cache'][-1]['step']:.1f} s, tower "
                   f"{runs['tower'][-1]['step']:.1f} s", file=sys.stderr, flush=True)
         n_train = sum(p.numel() for p in model.trainable_parameters())
         n_all = sum(p.numel() for p in model.parameters())
         seconds = batch["wav_len"].float() / 16000
         from speechclip_plus.train.precision import precision_name
-        amp = precision_name(trainer.device, bool(trainer.tc["amp"]))
+        amp = precision_name(trainer.device, trainer.tc["precision"])
         upstream_desc = (f"random HuBERT, 768-d, {args.upstream_layers} layers, {args.conv_dim} conv channels "
                          f"({model.upstream.num_layers} states)")
         trainer.close()
@@ -280,18 +326,26 @@ def main(argv: Optional[List[str]] = None) -> None:
     load_end = load_average()
     total_s = time.perf_counter() - t_start
     step_c, step_t = med("cache", "step"), med("tower", "step")
+    nd = 3 if gpu else 2  # decimals of the step times
+    if gpu:
+        where = f"on {describe(device)}, host {torch.get_num_threads()} threads"
+        how = ("; a part's time is the time of the kernels launched inside it, a step's time comes from CUDA "
+               "events")
+    else:
+        where = f"{torch.get_num_threads()} threads, {describe(device)}"
+        how = ""
     lines = [
         f"`python bench/train_step.py`: h+ at base width (`speechclip_plus/conf/base_hplus.yaml`: d_model 768, "
         f"8-head MHA, CLIP ViT-B-32 shape from `bench/{CLIP_CONFIG.name}`, random, token dim 512, embed 512, "
         f"49408-token vocabulary), upstream: {upstream_desc}; batch {args.batch} utterances of "
         f"{seconds.min():.1f}-{seconds.max():.1f} s ({seconds.sum():.0f} s of audio), one image each; "
         f"{n_train:,} trainable of {n_all:,} parameters; {amp}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} CPUs; load average "
+        f"{where}; load average "
         f"{load_start} at start, {load_end} at end (1/5/15 min); {total_s:.0f} s in all.",
         "",
         f"Medians of {rounds} interleaved rounds (a cached step, then an image-tower step) after a warm-up, each "
         f"step profiled "
-        f"(~{med('cache', 'n_events'):.0f} recorded events a step).",
+        f"(~{med('cache', 'n_events'):.0f} recorded events a step){how}.",
         "",
         "| part | forward s | backward s | share of the step (image cache) |",
         "|---|---:|---:|---:|",
@@ -313,28 +367,40 @@ def main(argv: Optional[List[str]] = None) -> None:
         "",
         "| step | median s | image tower s |",
         "|---|---:|---:|",
-        f"| image embeddings from the cache (the toolkit) | {step_c:.2f} | - |",
-        f"| {args.batch} images through the CLIP image tower every step | {step_t:.2f} | "
-        f"{med('tower', 'image_tower'):.2f} |",
+        f"| image embeddings from the cache (the toolkit) | {step_c:.{nd}f} | - |",
+        f"| {args.batch} images through the CLIP image tower every step | {step_t:.{nd}f} | "
+        f"{med('tower', 'image_tower'):.{nd}f} |",
+    ]
+    if gpu:
+        lines += [f"| image embeddings from the cache, without the profiler | {med('plain', 'step'):.3f} | - |",
+                  "",
+                  f"Peak GPU memory of a step above what was allocated before it (model, optimiser state, batch; "
+                  f"`torch.cuda.max_memory_allocated`): {med('cache', 'peak_bytes') / 2 ** 30:.2f} GiB with the "
+                  f"image cache, {med('tower', 'peak_bytes') / 2 ** 30:.2f} GiB with the image tower."]
+    lines += [
         "",
         f"Image cache speed-up: **{pair:.2f}x** per step (median over rounds of uncached / cached step time); "
         f"within the uncached steps themselves, step / (step - image tower) = {inside:.2f}x, a figure that load "
         "changes between steps cannot move. JPEG decoding and resizing, which the cache also saves, are not "
         "counted.",
         "",
-        f"Check: step / (upstream forward + gradient-path forward and backward) = {step_c:.2f} / {core:.2f} s = "
-        f"**{ratio:.2f}** (median of per-step ratios; target <= {TARGET}: "
+        f"Check: step / (upstream forward + gradient-path forward and backward) = {step_c:.{nd}f} / "
+        f"{core:.{nd}f} s = **{ratio:.2f}** (median of per-step ratios; target <= {TARGET}: "
         f"**{'met' if ratio <= TARGET else 'NOT met'}**). The HuBERT stand-in is smaller than HuBERT Base, so "
-        "with the real upstream the ratio is lower. Absolute seconds move with the shared machine's load; shares "
-        "and ratios come from the same steps.",
+        "with the real upstream the ratio is lower. "
+        + ("The parts' kernel times leave out the moments the GPU waits for the host (kernel launches, the one "
+           "host read per step, the profiler's recording), which the step's time includes; the unprofiled step "
+           "shows how much of that is the profiler's." if gpu else
+           "Absolute seconds move with the shared machine's load; shares and ratios come from the same steps."),
     ]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
         from speechclip_plus.eval.report import write_md_section
 
-        write_md_section(args.results, "Training step", body, header="# Benchmarks")
-        print(f"updated {args.results}")
+        title = section("Training step", device)
+        write_md_section(args.results, title, body, header="# Benchmarks")
+        print(f"updated {args.results} ({title})")
 
 
 if __name__ == "__main__":

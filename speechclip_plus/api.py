@@ -1,7 +1,7 @@
 """Python API: load a trained SpeechCLIP/SpeechCLIP+ model, embed speech, images and text, read keywords.
 
     from speechclip_plus import SpeechCLIPPlus
-    m = SpeechCLIPPlus.from_pretrained("exp/tiny_hplus/model.pt")   # or an exp dir (its best checkpoint)
+    m = SpeechCLIPPlus.from_pretrained("exp/tiny_hplus/model.pt")   # or an exp dir, or hf://ORG/NAME[@REV]
     s = m.embed_speech(["a.wav", "b.wav"])                          # (N, E) unit-norm
     i = m.embed_image(["a.jpg"])                                     # (M, E) unit-norm
     m.similarity(s, i)                                               # (N, M) cosine
@@ -21,8 +21,9 @@ checkpoint, the CLIP json) are written to the cache (``cache_dir()``) under thei
 file alone rebuilds the model anywhere. The frozen upstream tensors are shared with ``state_dict`` in the
 file, so it is stored once.
 
-Inference is in eval mode under ``no_grad``; by default the upstream runs one utterance at a time
-(``Upstream.per_utterance``) so an embedding never depends on what else is in its batch.
+Inference is in eval mode under ``no_grad``; by default (``per_utterance="auto"``) the upstream runs on padded
+batches when it is batch-invariant (filterbanks) and one utterance at a time when it is not (HuBERT, WavLM), so
+an embedding never depends on what else is in its batch.
 """
 from __future__ import annotations
 
@@ -379,8 +380,20 @@ def load_exp_dir(exp_dir: PathLike, checkpoint: str = "best"):
 
 
 def load_any(path: PathLike, checkpoint: str = "best"):
-    """A model file or an exp dir -> (model, config, meta)."""
+    """A model file, an exp dir or ``hf://ORG/NAME[@REVISION]`` (``speechclip_plus.hub``) -> (model, config, meta).
+
+    A Hub model file is read like a local one; its meta gains ``hub`` (uri, repo_id, revision, commit).
+    """
     path = os.fspath(path)
+    if path.startswith("hf://"):
+        from .hub import HubError, fetch_model
+
+        try:
+            found = fetch_model(path)
+        except HubError as e:
+            raise ModelFileError(str(e)) from None
+        model, cfg, meta = load_model_file(found.pop("path"))
+        return model, cfg, {**meta, "hub": found}
     if os.path.isdir(path):
         return load_exp_dir(path, checkpoint)
     return load_model_file(path)
@@ -392,6 +405,8 @@ def read_audio(path: PathLike) -> Tuple[torch.Tensor, int]:
     import soundfile as sf
 
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: audio file not found")
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001
@@ -486,21 +501,25 @@ def keyword_spans(alpha: torch.Tensor, n_keywords: int, feat_len: int, threshold
 class SpeechCLIPPlus:
     """Inference wrapper around a ``SpeechCLIP`` model (eval mode, ``no_grad``).
 
-    The wrapped model is moved to ``device``, put in eval mode and its ``upstream.per_utterance`` set.
+    The wrapped model is moved to ``device``, put in eval mode and its ``upstream.per_utterance`` set (True,
+    False or "auto": one utterance at a time only when the upstream is not batch-invariant).
     """
 
     def __init__(self, model, config: Optional[Dict] = None, device: Union[str, torch.device] = "cpu",
-                 per_utterance: bool = True, meta: Optional[Dict] = None):
+                 per_utterance: Union[bool, str] = "auto", meta: Optional[Dict] = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.model.upstream.per_utterance = bool(per_utterance)
+        if per_utterance not in (True, False, "auto"):
+            raise ValueError(f"per_utterance must be True, False or 'auto', got {per_utterance!r}")
+        self.model.upstream.per_utterance = per_utterance
         self.config = config if config is not None else {"model": model.cfg}
         self.meta = dict(meta or {})
 
     @classmethod
     def from_pretrained(cls, path: PathLike, device: Union[str, torch.device] = "cpu", checkpoint: str = "best",
-                        per_utterance: bool = True) -> "SpeechCLIPPlus":
-        """A model file from ``bin.export``, or an exp dir (its ``checkpoint``: best | last | a path)."""
+                        per_utterance: Union[bool, str] = "auto") -> "SpeechCLIPPlus":
+        """A model file from ``bin.export`` / ``bin.import_reference``, an exp dir (its ``checkpoint``: best |
+        last | a path), or a model shared on the Hugging Face Hub: ``hf://ORG/NAME[@REVISION]``."""
         model, cfg, meta = load_any(path, checkpoint)
         return cls(model, cfg, device, per_utterance, meta)
 
@@ -557,6 +576,8 @@ class SpeechCLIPPlus:
         tensors = []
         for i, im in enumerate(items):
             if isinstance(im, (str, os.PathLike)):
+                if not os.path.isfile(im):
+                    raise FileNotFoundError(f"{os.fspath(im)}: image file not found")
                 try:
                     with Image.open(im) as f:
                         im = f.convert("RGB")

@@ -10,6 +10,10 @@ Two more that s3prl's downstream runner needs (``python -m speechclip_plus.super
   (s3prl's ER, IC, SID, ASR and PR datasets call it).
 - ``huggingface_hub.Repository`` (imported by ``s3prl.downstream.runner``, used only to push to the Hub):
   a stand-in that raises when used.
+One for a downstream's extra package: s3prl's keyword spotting (``-d speech_commands``) imports
+``catalyst.data.sampler.DistributedSamplerWrapper``, and catalyst's releases no longer install with current
+pip (its metadata is refused). When catalyst is not installed, ``catalyst.data.sampler`` is provided with
+``DistributedSamplerWrapper`` (below), the only name s3prl uses from it.
 Nothing in site-packages is modified; attributes are added to the imported modules only when missing.
 """
 from __future__ import annotations
@@ -19,7 +23,9 @@ import shutil
 import subprocess
 import sys
 import types
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from torch.utils.data import DistributedSampler, Sampler
 
 _applied = False
 
@@ -79,6 +85,26 @@ class RepositoryUnavailable:
                            "(--hub huggingface / push_to_huggingface_hub) is not available")
 
 
+class DistributedSamplerWrapper(DistributedSampler):
+    """This process's share of another sampler's indices (stand-in for catalyst's class of that name).
+
+    Each epoch the wrapped ``sampler`` is drawn once (e.g. s3prl's class-balanced ``WeightedRandomSampler``);
+    ``DistributedSampler`` then splits the positions of that draw over the ``num_replicas`` processes as it
+    splits a dataset (shuffled by ``seed`` + epoch when ``shuffle``; padded by repeating positions unless
+    ``drop_last``), and this process yields the drawn indices at its positions. ``set_epoch`` as usual.
+    """
+
+    def __init__(self, sampler: Sampler, num_replicas: Optional[int] = None, rank: Optional[int] = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[int]:
+        drawn = list(self.sampler)
+        return iter([drawn[p] for p in super().__iter__()])
+
+
 class HfFolder:
     """Minimal stand-in for the removed ``huggingface_hub.HfFolder`` (token file helpers)."""
 
@@ -134,6 +160,14 @@ def apply() -> None:
         huggingface_hub.Repository = RepositoryUnavailable
     import importlib.util
 
+    if importlib.util.find_spec("catalyst") is None and "catalyst.data.sampler" not in sys.modules:
+        names = ("catalyst", "catalyst.data", "catalyst.data.sampler")
+        mods = [types.ModuleType(n) for n in names]
+        mods[0].data, mods[1].sampler = mods[1], mods[2]
+        mods[2].DistributedSamplerWrapper = DistributedSamplerWrapper
+        for m in mods:
+            m.__doc__ = "speechclip_plus.compat stand-in: only data.sampler.DistributedSamplerWrapper"
+            sys.modules[m.__name__] = m
     if importlib.util.find_spec("torchcodec") is None and getattr(torchaudio.load, "__module__", "").startswith(
             "torchaudio"):
         torchaudio.load = load_with_soundfile

@@ -31,6 +31,8 @@ DEFAULTS: Dict[str, Any] = {
             "normalize_waveform": False,  # layer-norm each waveform first (S+ base configs)
             "normalize_hiddenstates": False,  # affine-free layer-norm of each state before the weighted sum
             "per_utterance": False,  # run the upstream one utterance at a time (batch-independent, slower)
+            "raw_last_layer": False,  # last state = raw output of the last layer (the reference), not s3prl's
+            #                           (after the final LayerNorm of pre-LN models such as HuBERT Large)
         },
         "clip": {
             "name": "ViT-B-32",  # open_clip architecture, or a path to an open_clip model-config .json
@@ -75,14 +77,17 @@ DEFAULTS: Dict[str, Any] = {
             "temperature": 0.07,  # initial softmax temperature of the contrastive loss
             "learnable_temperature": True,
             "max_logit_scale": 100.0,  # clamp of exp(t) (the reference has none)
+            "per_branch_temperature": False,  # hybrids: one temperature per branch (the reference shares one)
         },
         "max_audio_len": 102400,  # training-time random crop in samples (6.4 s); null = no crop
-        "retrieval_branch": None,  # branch scored as "the" model: parallel | cascaded; null = variant default
+        "retrieval_branch": None,  # branch that selects checkpoints and is reported: parallel | cascaded;
+        #                            null = the variant's first (parallel for p/h/hplus, cascaded for c/cplus)
     },
     "train": {
         "seed": 7122,
         "batch_size": 256,
-        "max_batch_seconds": None,  # cap on audio seconds per batch (length-bucketed batches)
+        "bucketing": False,  # length-bucketed batches; false = a uniform shuffle (the reference)
+        "max_batch_seconds": None,  # cap on audio seconds per batch
         "valid_batch_size": 8,
         "accum_grad": 1,
         "max_steps": 50000,
@@ -92,13 +97,14 @@ DEFAULTS: Dict[str, Any] = {
         "warmup_steps": 5000,
         "final_lr": 1.0e-8,
         "grad_clip": 4.0,
-        "amp": True,  # fp16 + scaler on GPU, bf16 autocast on a CPU with native bf16, else float32
-        "valid_every": 1000,  # optimiser steps between validations
+        "precision": "auto",  # auto | bf16 | fp16 | fp32 (auto: bf16 where native, fp16 + scaler on older GPUs)
+        "valid_every": "epoch",  # validate at the end of every epoch (the reference) or every N optimiser steps
         "log_every": 50,
         "keep_checkpoints": 3,
         "select_metric": "recall_mean_10",
         "num_workers": 2,
-        "max_bad_steps": 20,  # consecutive non-finite losses before stopping
+        "max_bad_steps": 20,  # consecutive skipped steps (non-finite loss or fp16 overflow) before stopping
+        "log_grad_norms": False,  # log each loss term's gradient norm at the shared encoder (every log_every)
         "save_frozen": None,  # frozen weights in checkpoints: null = only if not from pretrained files; true | false
         "train_data": None,  # Kaldi data dir (set by bin/train --train_data)
         "valid_data": None,  # Kaldi data dir (--valid_data); null = no validation
@@ -110,6 +116,11 @@ DEFAULTS: Dict[str, Any] = {
         "text_vocab": None,  # sentencepiece model for the spm CIF target
     },
 }
+
+# Keys that also accept a type other than their default's.
+ALSO_ACCEPTS = {"train.valid_every": int}
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # Keys whose values are file paths (resolved relative to the YAML that sets them).
 PATH_KEYS = {
@@ -168,9 +179,11 @@ def _set(cfg: Dict, schema: Dict, key: str, value: Any, source: str, base_dir: O
                 for sub, subval in value.items():
                     _set(cfg, schema, f"{key}.{sub}", subval, source, base_dir)
                 return
-            if not _type_ok(default, value):
+            other = ALSO_ACCEPTS.get(key)
+            if not (_type_ok(default, value) or (other is not None and _type_ok(other(), value))):
+                expected = type(default).__name__ + (f" or {other.__name__}" if other else "")
                 raise ConfigError(
-                    f"{source}: '{key}' must be {type(default).__name__}, got {type(value).__name__} {value!r}"
+                    f"{source}: '{key}' must be {expected}, got {type(value).__name__} {value!r}"
                 )
             if isinstance(default, float) and isinstance(value, int):
                 value = float(value)
@@ -250,8 +263,14 @@ def check(cfg: Dict) -> Dict:
         raise ConfigError(f"model.parallel.weight must be > 0 for variant {m['variant']}")
     if m["variant"] in ("c", "cplus", "h", "hplus") and m["cascaded"]["weight"] <= 0:
         raise ConfigError(f"model.cascaded.weight must be > 0 for variant {m['variant']}")
-    if cfg["train"]["optimizer"] not in ("adam", "adamw"):
+    t = cfg["train"]
+    if t["optimizer"] not in ("adam", "adamw"):
         raise ConfigError("train.optimizer: must be adam or adamw")
+    if t["precision"] not in PRECISIONS:
+        raise ConfigError(f"train.precision: '{t['precision']}' is not one of {', '.join(PRECISIONS)}")
+    ve = t["valid_every"]
+    if ve != "epoch" and not (isinstance(ve, int) and ve >= 1):
+        raise ConfigError(f"train.valid_every: {ve!r} is not 'epoch' or a number of steps >= 1")
     return cfg
 
 

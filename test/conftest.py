@@ -7,6 +7,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU and skips without one (test/test_cuda.py; "
+                                       "SPEECHCLIP_TEST_DEVICE=cpu runs it on the CPU; bench/gpu.sh runs them)")
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_config() -> str:
     """Path of the tiny open_clip model config (random init, created in well under a second)."""

@@ -336,8 +336,15 @@ def test_hidden_states_images_text_similarity(api, exported, tmp_path):
     sim = api.similarity(speech, by_pil)
     assert sim.shape == (3, 1)
     torch.testing.assert_close(sim, speech @ by_pil.T)
-    with pytest.raises(ValueError, match="cannot read image"):
-        api.embed_image(str(tmp_path / "missing.png"))
+    # a missing file says "not found" and names the path; an unreadable one says it cannot be read
+    missing = tmp_path / "missing.png"
+    with pytest.raises(FileNotFoundError, match=f"^{missing}: image file not found$"):
+        api.embed_image(str(missing))
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path / 'missing.flac'}: audio file not found$"):
+        api.embed_speech([exported["paths"][0], str(tmp_path / "missing.flac")])
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'junk.png'}: cannot read image"):
+        api.embed_image(str(tmp_path / "junk.png"))
 
 
 def test_import_stays_light():
@@ -376,3 +383,20 @@ def test_upstream_feature_config_travels_inside_the_model_file(tmp_path, monkeyp
     got = SpeechCLIPPlus.from_pretrained(str(tmp_path / "m.pt")).embed_speech([wav[0]], sample_rate=16000,
                                                                              branch="cascaded")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_a_model_file_says_what_was_loaded(exported, caplog):
+    """open_clip's "No pretrained weights loaded ... initialized randomly" is not shown when a model file is
+    read (its weights are loaded right after); the log says that the CLIP weights came from the file."""
+    import logging
+    import re
+
+    from speechclip_plus import SpeechCLIPPlus
+
+    caplog.set_level(logging.INFO)
+    SpeechCLIPPlus.from_pretrained(exported["models"]["hplus"]["file"])
+    assert "initialized randomly" not in caplog.text
+    loaded = [r.getMessage() for r in caplog.records if r.name == "speechclip_plus.models.clip"]
+    counts = [re.search(r": (\d+) of its (\d+) tensors loaded from the model's state dict$", m) for m in loaded]
+    counts = [c.groups() for c in counts if c]
+    assert len(counts) == 1 and counts[0][0] == counts[0][1], loaded  # every CLIP tensor came from the file

@@ -125,3 +125,60 @@ def test_torchaudio_load_falls_back_to_soundfile_and_repository_stand_in(tmp_pat
     assert np.allclose(wav[0].numpy(), tone[100:500]) and np.allclose(wav[1].numpy(), -tone[100:500])
     with pytest.raises(RuntimeError, match="push-to-Hub"):
         huggingface_hub.Repository("x")
+
+
+def test_catalyst_sampler_stand_in_lets_s3prl_keyword_spotting_import():
+    """s3prl's KS expert imports catalyst's DistributedSamplerWrapper; catalyst does not install with current
+    pip, so compat provides that one class when catalyst is absent."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("catalyst")
+        pytest.skip("catalyst is installed here: the stand-in is not used")
+    except PackageNotFoundError:
+        pass
+    with_apply = run_python(
+        "from speechclip_plus import compat\n"
+        "compat.apply()\n"
+        "import s3prl.downstream.speech_commands.expert as ks\n"
+        "assert ks.DistributedSamplerWrapper is compat.DistributedSamplerWrapper\n"
+        "print('ok')"
+    )
+    assert with_apply.returncode == 0, with_apply.stderr[-2000:]
+    assert with_apply.stdout.strip().endswith("ok")
+
+
+def test_distributed_sampler_wrapper_splits_one_draw_over_the_ranks():
+    from torch.utils.data import Sampler
+
+    class Draws(Sampler):
+        """A fresh random draw (with repeats) on every pass, like WeightedRandomSampler."""
+
+        def __init__(self, n):
+            self.n, self.passes = n, 0
+
+        def __len__(self):
+            return self.n
+
+        def __iter__(self):
+            self.passes += 1
+            g = torch.Generator().manual_seed(self.passes)
+            return iter(torch.randint(0, 100, (self.n,), generator=g).tolist())
+
+    n = 12
+    first_draw = list(Draws(n))
+    shares = []
+    for rank in range(3):
+        wrapper = compat.DistributedSamplerWrapper(Draws(n), num_replicas=3, rank=rank, seed=5)
+        wrapper.set_epoch(2)
+        shares.append(list(wrapper))
+        assert len(shares[-1]) == len(wrapper) == 4
+    # the ranks split one draw: together they yield exactly its indices (shuffled by seed and epoch)
+    assert sorted(sum(shares, [])) == sorted(first_draw) and sum(shares, []) != first_draw
+    again = compat.DistributedSamplerWrapper(Draws(n), num_replicas=3, rank=0, seed=5)
+    again.set_epoch(2)
+    assert list(again) == shares[0]  # same seed, epoch and draw: the same share
+    # unshuffled, 11 indices over 2 ranks: positions 1, 3, ..., 9 and the padding repeats position 0
+    odd = compat.DistributedSamplerWrapper(Draws(11), num_replicas=2, rank=1, shuffle=False)
+    draw11 = list(Draws(11))
+    assert list(odd) == draw11[1::2] + draw11[:1]

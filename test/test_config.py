@@ -6,7 +6,9 @@ import yaml
 
 from speechclip_plus.config import ConfigError, DEFAULTS, load_config, model_config, parse_overrides, save_config
 
-CONF_DIR = os.path.join(os.path.dirname(__file__), "..", "speechclip_plus", "conf")
+REPO = os.path.join(os.path.dirname(__file__), "..")
+CONF_DIR = os.path.join(REPO, "speechclip_plus", "conf")
+VARIANTS = ("p", "c", "cplus", "h", "hplus")
 
 
 def write(path, data):
@@ -52,8 +54,16 @@ def test_wrong_type_names_key(tmp_path):
     path = write(tmp_path / "bad.yaml", {"train": {"batch_size": "big"}})
     with pytest.raises(ConfigError, match=r"'train.batch_size' must be int, got str"):
         load_config(path)
-    with pytest.raises(ConfigError, match="train.amp"):
-        load_config(None, ["--train.amp", "3"])
+    with pytest.raises(ConfigError, match="train.log_grad_norms"):
+        load_config(None, ["--train.log_grad_norms", "3"])
+    with pytest.raises(ConfigError, match=r"'train.valid_every' must be str or int, got bool"):
+        load_config(None, ["--train.valid_every", "true"])
+    assert load_config(None, ["--train.valid_every", "7"])["train"]["valid_every"] == 7
+    assert load_config(None)["train"]["valid_every"] == "epoch"
+    with pytest.raises(ConfigError, match="train.valid_every: 'often'"):
+        load_config(None, ["--train.valid_every", "often"])
+    with pytest.raises(ConfigError, match="train.precision: 'fp8'"):
+        load_config(None, ["--train.precision", "fp8"])
 
 
 def test_bad_values_and_missing_file(tmp_path):
@@ -92,3 +102,37 @@ def test_saved_config_round_trips(tmp_path):
 def test_shipped_configs_load(name):
     cfg = load_config(os.path.join(CONF_DIR, name))
     assert model_config(cfg)["variant"] in ("p", "c", "cplus", "h", "hplus")
+
+
+# The reference's settings per config (ShampooWang/SpeechCLIP_plus config/speechCLIP+/..., atosystem/SpeechCLIP
+# config/speechCLIP/...): the branch of retrieval.audio_feat_src, and the loss weights w_p / w_c.
+REFERENCE_BRANCH = {
+    ("flickr", "base", "h"): "cascaded", ("flickr", "large", "h"): "cascaded", ("coco", "large", "h"): "cascaded",
+    ("flickr", "base", "hplus"): "parallel", ("flickr", "large", "hplus"): "cascaded",
+    ("coco", "large", "hplus"): "parallel",
+}
+RECIPE_CONFS = [("flickr", os.path.join(REPO, "egs", "flickr8k", "conf")), ("flickr", CONF_DIR),
+                ("coco", os.path.join(REPO, "egs", "spokencoco", "conf"))]
+
+
+@pytest.mark.parametrize("corpus,conf_dir,name", [(c, d, f"{s}_{v}.yaml") for c, d in RECIPE_CONFS
+                                                  for s in ("base", "large") for v in VARIANTS])
+def test_reference_configs_carry_the_reference_training(corpus, conf_dir, name):
+    cfg = load_config(os.path.join(conf_dir, name))
+    size, variant = name[:-5].split("_")
+    m, t = cfg["model"], cfg["train"]
+    default_branch = "parallel" if variant == "p" else "cascaded"
+    expected = REFERENCE_BRANCH.get(("flickr" if size == "base" else corpus, size, variant), default_branch)
+    assert m["retrieval_branch"] == expected
+    assert t["valid_every"] == "epoch" and t["bucketing"] is False and t["precision"] == "auto"
+    assert m["upstream"]["raw_last_layer"] is (size == "large")
+    assert m["upstream"]["name"] == ("hubert_base" if size == "base" else "hubert_large_ll60k")
+    assert (t["lr"], t["weight_decay"], t["warmup_steps"], t["max_steps"], t["final_lr"], t["grad_clip"],
+            t["seed"], t["optimizer"]) == (1e-4, 1e-6, 5000, 50000, 1e-8, 4.0, 7122, "adam")
+    assert m["max_audio_len"] == 102400 and m["cascaded"]["vq_temperature"] == 0.1
+    assert m["loss"]["per_branch_temperature"] is False
+    if variant in ("cplus", "hplus"):
+        c = m["cif"]
+        assert (c["scaling_steps"], c["quantity_weight"], c["target"], c["dropout"]) == (5000, 0.25, "duration", 0.5)
+    weights = (m["parallel"]["weight"], m["cascaded"]["weight"])
+    assert weights == ((0.5, 1.5) if (corpus, size, variant) == ("flickr", "large", "hplus") else (1.0, 1.0))

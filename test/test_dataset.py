@@ -213,6 +213,29 @@ def test_sampler_batches_group_similar_lengths():
     assert spread < 0.3 * random_spread
 
 
+def test_sampler_without_bucketing_is_a_uniform_shuffle():
+    """bucketing=False: batches are consecutive chunks of a fresh random permutation each epoch (the reference's
+    DataLoader(shuffle=True, drop_last=True)), so lengths are mixed within a batch."""
+    d = durations(400)
+    s = LengthBucketSampler(d, batch_size=10, seed=0, bucket_batches=4, bucketing=False)
+    batches = s.batches(0)
+    assert len(batches) == 40 and all(len(b) == 10 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    spread = np.mean([max(d[i] for i in b) - min(d[i] for i in b) for b in batches])
+    rng = np.random.default_rng(0)
+    random_spread = np.mean([np.ptp(rng.choice(d, 10)) for _ in range(200)])
+    assert spread > 0.8 * random_spread
+    bucketed = LengthBucketSampler(d, batch_size=10, seed=0, bucket_batches=4).batches(0)
+    assert np.mean([max(d[i] for i in b) - min(d[i] for i in b) for b in bucketed]) < 0.3 * spread
+    assert s.batches(1) != batches
+    assert LengthBucketSampler(d, 10, seed=0, bucketing=False).batches(0) == batches
+    ordered = LengthBucketSampler(d, 10, shuffle=False, bucketing=False).batches(0)
+    assert [i for b in ordered for i in b] == list(range(400))  # no shuffle: index order, not sorted by length
+    state = s.state_dict(position=3)
+    with pytest.raises(ValueError, match="bucketing"):
+        LengthBucketSampler(d, 10, seed=0).load_state_dict(state)
+
+
 def test_sampler_no_shuffle_keeps_every_utt_once():
     d = durations(21)
     s = LengthBucketSampler(d, batch_size=4, shuffle=False, drop_last=False)

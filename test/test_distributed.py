@@ -49,7 +49,8 @@ def _step_record(tr, batch_indices):
         losses.gather_with_grad = real_gather
     grads = {n: p.grad.detach().clone() for n, p in tr.raw_model.named_parameters() if p.grad is not None}
     tr.optimizer.zero_grad(set_to_none=True)
-    return {"loss": rec["loss"], "terms": rec["terms"], "grads": grads, "sizes": sizes, "utts": batch["utt"]}
+    return {"loss": float(rec["loss"]), "terms": {k: float(v) for k, v in rec["terms"].items()}, "grads": grads,
+            "sizes": sizes, "utts": batch["utt"]}
 
 
 def _worker(rank: int, port: int, cfg: dict, exp: str, out: str) -> None:
@@ -141,7 +142,7 @@ def test_cli_nproc_relaunches_under_torchrun(data, tmp_path):
     cmd = [sys.executable, "-m", "speechclip_plus.bin.train", "--config", str(CONF / "tiny_p.yaml"),
            "--nproc", "2",
            "--train_data", data["train_data"], "--image_embeds", data["image_embeds"], "--exp_dir", str(exp),
-           "--no_progress", "--train.max_steps", "1", "--train.num_workers", "0", "--train.amp", "false"]
+           "--no_progress", "--train.max_steps", "1", "--train.num_workers", "0", "--train.precision", "fp32"]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "torch.distributed.run" in p.stderr and "--nproc_per_node=2" in p.stderr

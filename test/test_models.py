@@ -62,6 +62,26 @@ def test_forward_backward_and_training_reduces_loss(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_total_loss_is_the_configured_weighted_sum_of_its_terms(variant):
+    """L = w_p L_p + w_c L_c + w_q L_QUA with large h+'s weights 0.5 / 1.5 / 0.25 set for every variant; only the
+    variant's own terms count (read from the public output, so whether terms are floats or tensors is free)."""
+    weights = {"cl_parallel": 0.5, "cl_cascaded": 1.5, "quantity": 0.25}
+    model = tiny_model(variant, "--model.parallel.weight", "0.5", "--model.cascaded.weight", "1.5",
+                       "--model.cif.quantity_weight", "0.25")
+    own = {"p": ["cl_parallel"], "c": ["cl_cascaded"], "cplus": ["cl_cascaded", "quantity"],
+           "h": ["cl_parallel", "cl_cascaded"], "hplus": ["cl_parallel", "cl_cascaded", "quantity"]}[variant]
+    wav, lens, img, idx = batch(model, n=4)
+    for training in (True, False):  # the training step and validation (duration targets: L_QUA in both)
+        model.train(training)
+        with torch.set_grad_enabled(training):
+            out = model(wav, lens, img, idx, step=0)
+        assert sorted(set(out["terms"]) & set(weights)) == sorted(own), training
+        terms = {name: float(out["terms"][name]) for name in own}
+        assert all(v > 0 for v in terms.values()), terms  # every weight changes the total
+        assert float(out["loss"]) == pytest.approx(sum(weights[n] * terms[n] for n in own), rel=1e-5), terms
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_eval_outputs(variant):
     model = tiny_model(variant).eval()
     wav, lens, _, _ = batch(model, n=3)
@@ -229,3 +249,135 @@ def test_encoder_options_reach_the_model():
     for bad in (["--model.encoder.conv_pos", "4"], ["--model.encoder.attention_dropout", "1.5"]):
         with pytest.raises(ConfigError):
             load_config(os.path.join(CONF, "tiny_hplus.yaml"), bad)
+
+
+@pytest.mark.parametrize("variant,target", [(v, "clip_bpe") for v in VARIANTS] + [("cplus", "duration")])
+def test_every_tensor_is_made_on_the_inputs_device(variant, target):
+    """A GPU run crashes where code makes a tensor on the default (CPU) device and mixes it with the inputs'.
+    With the default device set to "meta", any such tensor is a meta tensor and mixing it with the CPU inputs
+    fails here the same way. The frozen s3prl upstream is third-party code and runs with the CPU default."""
+    model = tiny_model(variant, "--model.max_audio_len", "8000", "--model.cif.target", target)
+    wav, lens, img, idx = batch(model, n=2)
+    run = model.upstream._run
+
+    def upstream_on_cpu(wavs):
+        with torch.device("cpu"):
+            return run(wavs)
+
+    model.upstream._run = upstream_on_cpu
+    model.upstream.frame_counts([16000])  # fit the frame formula outside the check
+    texts = ["a red circle", "two big blue squares"]
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        torch.set_default_device("meta")
+        try:
+            out = model(wav, lens, img, idx, step=0, texts=texts)
+            if mode == "train":
+                out["loss"].backward()
+        finally:
+            torch.set_default_device("cpu")
+        assert out["loss"].device.type == "cpu" and torch.isfinite(out["loss"])
+
+
+def test_random_crop_draws_on_cpu_and_stays_on_the_waveforms_device():
+    torch.manual_seed(0)
+    wav = torch.arange(40.0).repeat(3, 1)
+    lens = torch.tensor([40, 25, 7])
+    torch.manual_seed(5)
+    a, la = random_crop(wav, lens, 10)
+    torch.manual_seed(5)
+    torch.set_default_device("meta")
+    try:
+        b, lb = random_crop(wav, lens, 10)
+    finally:
+        torch.set_default_device("cpu")
+    assert torch.equal(a, b) and torch.equal(la, lb) and la.tolist() == [10, 10, 7]
+    assert 0 <= int(a[1, 0]) <= 15 and torch.equal(a[1], torch.arange(a[1, 0], a[1, 0] + 10))
+
+
+def test_keyword_cosine_and_contrastive_logits_stay_float32_under_autocast():
+    """Under bf16 autocast a cosine that rounds to 8 bits ties near neighbours; the reference computes it in
+    fp32. Two tokens 1e-3 apart in angle must still be told apart, and the loss must match float32."""
+    torch.manual_seed(0)
+    table = F.normalize(torch.randn(50, 16), dim=-1)
+    table[7] = F.normalize(table[3] + 2e-3 * torch.randn(16), dim=-1)
+    special = torch.zeros(50, dtype=torch.bool)
+    x = (table[[3, 7]] + 1e-4 * torch.randn(2, 16))[None]
+    vq = KeywordQuantizer(0.1).eval()
+    want = vq(x, table, special)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vq(x, table, special)
+    assert got["cos"].dtype == torch.float32
+    assert torch.equal(got["ids"], want["ids"]) and got["ids"][0].tolist() == [3, 7]
+    a, b = F.normalize(torch.randn(6, 16), dim=-1), F.normalize(torch.randn(6, 16), dim=-1)
+    ids = torch.arange(6)
+    loss = MaskedContrastiveLoss(0.07, learnable=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(a, b, ids)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, loss(a, b, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_quantizer_gradient_equals_the_one_hot_straight_through():
+    """e = E[c] + pE - sg(pE) has the value and gradient of the reference's (onehot + p - sg(p)) @ E."""
+    torch.manual_seed(1)
+    table = torch.randn(30, 8)
+    special = torch.zeros(30, dtype=torch.bool)
+    special[0] = True
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(2, 3, 8)
+    q = KeywordQuantizer(0.1).train()(x, table, special)
+    (q["embeddings"] * w).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    cos = F.normalize(x, dim=-1) @ F.normalize(table, dim=-1).t()
+    cos = cos.masked_fill(special, float("-inf"))
+    soft = torch.softmax(cos / 0.1, -1)
+    ref = (F.one_hot(cos.argmax(-1), 30).float() + soft - soft.detach()) @ table
+    torch.testing.assert_close(q["embeddings"], ref.detach())
+    (ref * w).sum().backward()
+    torch.testing.assert_close(ours, x.grad)
+
+
+def test_masked_keyword_batchnorm_is_batchnorm_over_the_valid_slots():
+    torch.manual_seed(2)
+    table = torch.randn(20, 4) * 3 + 1
+    bn = KeywordBatchNorm(4, table, n_slots=None).train()
+    ref = torch.nn.BatchNorm1d(4)
+    ref.load_state_dict(bn.bn.state_dict())
+    ref_for_grad = copy.deepcopy(ref)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 2:] = pad[2, 4:] = True
+    y = bn(x, pad)
+    y_ref = ref(x[~pad])
+    torch.testing.assert_close(y[~pad], y_ref)
+    assert (y[pad] == 0).all()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn.bn, name), getattr(ref, name))
+    g = torch.randn_like(y_ref)
+    (y[~pad] * g).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    (ref_for_grad(x[~pad]) * g).sum().backward()
+    torch.testing.assert_close(ours, x.grad)
+    bn.eval(), ref.eval()
+    torch.testing.assert_close(bn(x, pad)[~pad], ref(x[~pad]))
+
+
+def test_per_branch_temperature():
+    shared = tiny_model("hplus")
+    assert shared.contrastive_cascaded is None
+    model = tiny_model("hplus", "--model.loss.per_branch_temperature", "true")
+    assert {"contrastive.log_scale", "contrastive_cascaded.log_scale"} <= set(dict(model.named_parameters()))
+    model.train()
+    wav, lens, img, idx = batch(model)
+    out = model(wav, lens, img, idx, step=0, texts=["a"] * 6)
+    assert {"logit_scale", "logit_scale_cascaded"} <= set(out["terms"])
+    out["loss"].backward()
+    assert model.contrastive.log_scale.grad.abs() > 0 and model.contrastive_cascaded.log_scale.grad.abs() > 0
+    with torch.no_grad():
+        model.contrastive_cascaded.log_scale.fill_(0.0)  # cascaded temperature 1: only its loss changes
+    out2 = model(wav, lens, img, idx, step=0, texts=["a"] * 6)
+    assert out2["terms"]["logit_scale_cascaded"] == pytest.approx(1.0)
+    assert tiny_model("p", "--model.loss.per_branch_temperature", "true").contrastive_cascaded is None

@@ -228,7 +228,7 @@ def test_training_sigkilled_after_a_checkpoint_resumes_to_the_same_weights(corpu
             "--valid_data", corpus["valid_data"], "--image_embeds", corpus["image_embeds"],
             "--valid_image_embeds", corpus["valid_image_embeds"], "--exp_dir", exp, "--device", "cpu",
             "--no_progress", "--train.max_steps", max_steps, "--train.valid_every", 4, "--train.batch_size", 4,
-            "--train.amp", "false", "--train.num_workers", 0, *extra)]
+            "--train.precision", "fp32", "--train.num_workers", 0, *extra)]
 
     part = start("speechclip_plus.bin.train", cmd(tmp_path / "part"), tmp_path)
     ckpt = tmp_path / "part" / "checkpoints"
@@ -251,7 +251,7 @@ def _train_args(corpus, exp, *extra):
     return ["--config", str(CONF / "tiny_p.yaml"), "--train_data", corpus["train_data"],
             "--valid_data", corpus["valid_data"], "--image_embeds", corpus["image_embeds"],
             "--valid_image_embeds", corpus["valid_image_embeds"], "--exp_dir", str(exp), "--device", "cpu",
-            "--no_progress", "--train.batch_size", "4", "--train.amp", "false", "--train.num_workers", "0",
+            "--no_progress", "--train.batch_size", "4", "--train.precision", "fp32", "--train.num_workers", "0",
             "--train.valid_every", "2", *extra]
 
 
@@ -275,12 +275,12 @@ def test_non_finite_losses_stop_with_exit_1_keeping_the_last_good_checkpoint(cor
     exp = tmp_path / "exp"
     assert main(_train_args(corpus, exp, "--train.max_steps", "8", "--train.max_bad_steps", "3")) == 1
     ck = exp / "checkpoints"
-    message = (f"stopping: 3 consecutive optimiser steps had a non-finite loss (train.max_bad_steps=3); "
-               f"last good checkpoint: {ck / 'last.pt'} (step 2)")
+    message = (f"stopping: 3 consecutive optimiser steps were skipped (non-finite loss or gradients; "
+               f"train.max_bad_steps=3); last good checkpoint: {ck / 'last.pt'} (step 2)")
     err = capsys.readouterr().err
     assert f"ERROR {message}" in err and f"ERROR {message}" in (exp / "train.log").read_text()
     for n, epoch in ((1, 1), (2, 1), (3, 2)):  # 2 batches per epoch: the bad steps are in epochs 1 and 2
-        assert f"non-finite loss at step 3 (epoch {epoch}): step skipped ({n} in a row, {n} in total)" in err
+        assert f"step 3 (epoch {epoch}) skipped: non-finite loss or gradient ({n} in a row, {n} in total)" in err
     assert sorted(p.name for p in ck.glob("step-*.pt")) == ["step-2.pt"]
     assert os.path.samefile(ck / "last.pt", ck / "step-2.pt")
     state = torch.load(ck / "last.pt", weights_only=True)

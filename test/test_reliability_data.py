@@ -1,8 +1,9 @@
 """Bad corpora: every bad-input case of docs/reliability.md is detected where the table says, with the message
 it shows (``file:line: key: what``, first ten + a count), and skippable cases are excluded only on request
-(``validate_data --fix_dir``, ``format_audio --skip_bad``) with the reasons in ``<dir>/excluded.txt``.
-Source audio and image files are never modified (hashes compared); data-dir lists that a repair rewrites
-keep byte-identical originals in ``<dir>/.backup/``. Every path holds a space."""
+(``validate_data --fix_dir``, ``format_audio --skip_bad``, ``embed_images --skip_bad``) with the reasons in
+``<dir>/excluded.txt``. Source audio and image files are never modified (hashes compared); data-dir lists that
+a repair rewrites keep byte-identical originals in ``<dir>/.backup/``. Every path holds a space. (Stage 0's
+corpus preparation: test_data_prep_policy.py.)"""
 from __future__ import annotations
 
 import hashlib
@@ -364,6 +365,48 @@ def test_bad_images_stop_stage2_listing_ten_and_the_count(tmp_path, tiny_clip_co
             f"file not found: {img['miss0']}\n") in err
     assert f"  {d}/img.scp:{scp_line['torn0']}: torn0: cannot decode {img['torn0']} (" in err
     assert os.listdir(out) == []
+
+
+def test_skip_bad_excludes_the_utterances_of_bad_images_in_stage2(tmp_path, tiny_clip_config, capsys):
+    """embed_images --skip_bad: every image checked (2 processes); the utterances of the missing and the torn
+    image leave the data dir (originals in .backup/, reasons naming img.scp:line in excluded.txt, merged with
+    stage 1's); the cache holds the good images; the image files are untouched."""
+    from speechclip_plus.bin.embed_images import main
+    from speechclip_plus.data.datadir import add_excluded
+
+    images = tmp_path / "my images"
+    img = {f"good{k}": png(images / f"good {k}.png", (60 * k, 90, 0)) for k in range(3)}
+    img["miss"] = str(images / "miss.png")
+    data = (images / "good 0.png").read_bytes()
+    img["torn"] = str(images / "torn.png")
+    Path(img["torn"]).write_bytes(data[: len(data) // 2])
+    d = tmp_path / "data"
+    u2i = {f"s-u{k}": i for k, i in enumerate(["good0", "good1", "good2", "miss", "miss", "torn", "good0"])}
+    write_data_dir(d, {u: f"/w/{u}.wav" for u in u2i}, {u: "a caption" for u in u2i}, {u: "s" for u in u2i},
+                   u2i, img)
+    add_excluded(d, {"s-u9": "an utterance stage 1 excluded"})
+    lists = {name: (d / name).read_bytes() for name in DATA_FILES}
+    media = digests(img.values())
+    out = tmp_path / "cache"
+    assert main(["--data_dir", str(d), "--out_dir", str(out), "--clip_name", tiny_clip_config,
+                 "--clip_pretrained", "none", "--no_progress", "--skip_bad", "--nj", "2"]) == 0, capsys.readouterr()
+    assert DataDir(d).utts == ["s-u0", "s-u1", "s-u2", "s-u6"] and validate_data_dir(d, check_files=False) == []
+    line = {i: n for n, i in enumerate(sorted(img), 1)}
+    excluded = read_kv(d / "excluded.txt")
+    assert excluded == {"s-u3": f"{d}/img.scp:{line['miss']}: miss: file not found: {img['miss']}",
+                        "s-u4": f"{d}/img.scp:{line['miss']}: miss: file not found: {img['miss']}",
+                        "s-u5": excluded["s-u5"], "s-u9": "an utterance stage 1 excluded"}
+    assert excluded["s-u5"].startswith(f"{d}/img.scp:{line['torn']}: torn: cannot decode {img['torn']} (")
+    assert {n: (d / ".backup" / n).read_bytes() for n in DATA_FILES} == lists
+    assert set(read_kv(out / "img_embed.scp")) == {"good0", "good1", "good2"}
+    assert digests(img.values()) == media
+    # without --skip_bad the same data stops stage 2 (as before), nothing written
+    write_data_dir(d, {u: f"/w/{u}.wav" for u in u2i}, {u: "a caption" for u in u2i}, {u: "s" for u in u2i},
+                   u2i, img)
+    capsys.readouterr()
+    assert main(["--data_dir", str(d), "--out_dir", str(tmp_path / "c2"), "--clip_name", tiny_clip_config,
+                 "--clip_pretrained", "none", "--no_progress"]) == 1
+    assert "error: 2 of 5 image(s) cannot be used:" in capsys.readouterr().err
 
 
 def test_non_utf8_transcription_stops_the_vocabulary_stage(tmp_path, capsys):

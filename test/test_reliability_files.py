@@ -148,7 +148,7 @@ def _train(corpus, exp, *extra, image_embeds=None):
     return main(["--config", str(CONF / "tiny_p.yaml"), "--train_data", corpus["train_data"],
                  "--image_embeds", str(image_embeds or corpus["image_embeds"]), "--exp_dir", str(exp),
                  "--device", "cpu", "--no_progress", "--train.batch_size", "2", "--train.max_steps", "2",
-                 "--train.valid_every", "1", "--train.amp", "false", "--train.num_workers", "0", *extra])
+                 "--train.valid_every", "1", "--train.precision", "fp32", "--train.num_workers", "0", *extra])
 
 
 def test_resume_refuses_a_crafted_or_truncated_checkpoint(corpus, tmp_path, marker, capsys):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from speechclip_plus.eval.report import (append_results_md, format_table, read_results_json, write_md_section,
-                                         write_results_json, write_with)
+from speechclip_plus.eval.report import (append_results_md, format_table, is_fraction_key, read_results_json,
+                                         write_md_section, write_results_json, write_with)
 
 ROWS = [
     {"model": "c+", "speech_to_image_r1": 0.12345, "recall_mean_10": 0.5, "mean_keywords": 7.126,
@@ -32,6 +32,17 @@ def test_format_table_formats_by_kind():
     assert lines[1].endswith("-:|")  # numeric columns right-aligned
     pct_forced = format_table([{"x": 0.5}], [("x", "x", "pct")]).splitlines()[2]
     assert "50.00" in pct_forced
+
+
+def test_keyword_metric_names_are_fractions_or_not():
+    for key in ("coverage", "word_coverage", "excess_duplicate_rate", "adjacent_repeat_rate", "subword_hit_rate_utt",
+                "word_hit_rate_utt", "subword_hit_rate_at5", "speech_to_image_r10"):
+        assert is_fraction_key(key), key
+    for key in ("mean_keywords", "count_error", "n_utterances", "coverage_count", "mean_target"):
+        assert not is_fraction_key(key), key
+    cells = format_table([{"coverage": 0.5, "word_hit_rate_utt": 0.25, "mean_keywords": 0.5}],
+                         ["coverage", "word_hit_rate_utt", "mean_keywords"]).splitlines()[2]
+    assert [c.strip() for c in cells.strip("|").split("|")] == ["50.00", "25.00", "0.50"]
 
 
 def test_append_twice_gives_two_tables(tmp_path):
@@ -131,3 +142,28 @@ def test_retrieval_plot_size_and_green_frame(tmp_path):
     assert not lime[pixels.shape[0] // 2 + 5:].any()  # second row has no correct image
     with pytest.raises(ValueError, match="correct index 3"):
         plot_retrieval_examples(path, [("x", gray[:3], 3)])
+
+
+def test_keyword_by_k_plot_size_series_and_errors(tmp_path):
+    from speechclip_plus.eval.plots import plot_keyword_metrics_by_k
+
+    c = {"5-8": {"n_utterances": 10, "subword_hit_rate": 0.7, "coverage": 0.4, "word_coverage": 0.4,
+                 "excess_duplicate_rate": -0.1, "adjacent_repeat_rate": 0.2}}
+    cplus = {"0": {"n_utterances": 1, "subword_hit_rate": float("nan"), "coverage": 0.0},  # NaN and missing: gaps
+             "9-12": {"n_utterances": 6, "subword_hit_rate": 0.8, "coverage": 0.5, "adjacent_repeat_rate": None},
+             "17+": {"n_utterances": 3, "subword_hit_rate": 0.6, "coverage": 0.7}}
+    path = str(tmp_path / "by_k.png")
+    plot_keyword_metrics_by_k(path, {"c": c}, panel_inches=(2.0, 1.5), dpi=50)
+    size, one = png_size(path)
+    assert size == (3 * 2 * 50, 2 * 1.5 * 50)  # 5 metrics + counts = 6 panels in 3 columns
+    plot_keyword_metrics_by_k(path, {"c": c, "c+": cplus}, panel_inches=(2.0, 1.5), dpi=50)
+    _, two = png_size(path)
+    orange = np.all(np.abs(two.astype(int) - [255, 127, 14]) < 30, axis=-1)  # matplotlib's second colour
+    assert orange.sum() > np.all(np.abs(one.astype(int) - [255, 127, 14]) < 30, axis=-1).sum() + 50
+    assert not leftovers(tmp_path)
+    with pytest.raises(ValueError, match="unknown K bin"):
+        plot_keyword_metrics_by_k(path, {"c": {"8": c["5-8"]}})
+    with pytest.raises(ValueError, match="no series"):
+        plot_keyword_metrics_by_k(path, {})
+    with pytest.raises(ValueError, match="empty"):
+        plot_keyword_metrics_by_k(path, {"c": {}})

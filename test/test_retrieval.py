@@ -138,3 +138,62 @@ def test_bad_inputs_raise_clear_errors():
         recall_at_k(bad, images, torch.tensor([0, 1, 2, 2]))
     with pytest.raises(ValueError, match="ties"):
         recall_at_k(speech, images, torch.tensor([0, 1, 2, 2]), ties="random")
+
+
+# ----------------------------------------------------------------------------------------------- chance levels
+def brute_chance(s2i, k):
+    """Expected recall@k both ways when the candidates come in a uniformly random order: the mean over every
+    order of the candidates (exhaustive), which is what random scores without ties give."""
+    s2i = [int(x) for x in s2i]
+    n, m = len(s2i), max(s2i) + 1
+    a = sum(sum(order.index(s2i[q]) < k for order in itertools.permutations(range(m))) for q in range(n))
+    a /= n * len(list(itertools.permutations(range(m))))
+    orders = list(itertools.permutations(range(n)))
+    b = sum(sum(any(s2i[u] == img for u in order[:k]) for order in orders) for img in range(m))
+    return a, b / (m * len(orders))
+
+
+@pytest.mark.parametrize("s2i", [[0, 1, 2, 3], [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2], [0, 0, 0, 1, 2, 2, 3]])
+def test_chance_recall_is_the_mean_over_random_orders(s2i):
+    from speechclip_plus.eval.retrieval import chance_recall
+
+    got = chance_recall(s2i, ks=(1, 2, 3, 10))
+    for k in (1, 2, 3, 10):
+        a, b = brute_chance(s2i, k)
+        assert got[f"speech_to_image_r{k}"] == pytest.approx(a)
+        assert got[f"image_to_speech_r{k}"] == pytest.approx(b)
+        assert got[f"recall_mean_{k}"] == pytest.approx((a + b) / 2)
+    names = ("speech_to_text", "text_to_speech")
+    assert set(chance_recall(s2i, ks=(1,), names=names)) == {"speech_to_text_r1", "text_to_speech_r1",
+                                                               "recall_mean_1"}
+
+
+def test_constant_recalls_are_one_for_any_scores_and_the_others_are_not():
+    from speechclip_plus.eval.retrieval import constant_recalls
+
+    s2i = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])  # 4 images; an image query has 5 to 7 negatives
+    ks = (1, 3, 4, 5, 7, 8)
+    fixed = constant_recalls(s2i, ks=ks)
+    assert fixed == ["speech_to_image_r4", "speech_to_image_r5", "speech_to_image_r7", "speech_to_image_r8",
+                     "image_to_speech_r8", "recall_mean_8"]
+    g = torch.Generator().manual_seed(0)
+    seen_below_one = set()
+    for _ in range(50):
+        speech, images = torch.randn(8, 3, generator=g), torch.randn(4, 3, generator=g)
+        got = recall_at_k(speech, images, s2i, ks=ks)
+        assert all(got[key] == 1.0 for key in fixed)
+        seen_below_one |= {key for key, v in got.items() if v < 1.0}
+    assert seen_below_one == set(got) - set(fixed)
+
+
+def test_selection_warning_names_the_metric_that_cannot_move():
+    from speechclip_plus.eval.retrieval import selection_warning
+
+    tiny = [0, 0, 1, 1, 2, 2]
+    msg = selection_warning(tiny, "recall_mean_10", "data/dev")
+    assert msg.startswith("data/dev: recall_mean_10 is 1.0 for any model (3 images, 6 utterances")
+    assert "train.select_metric" in msg and "recall_mean_1" in msg
+    assert selection_warning(tiny, "parallel/image_to_speech_r5", "data/dev") is not None  # branch prefix
+    assert selection_warning(tiny, "recall_mean_1", "data/dev") is None
+    assert selection_warning(tiny, "loss", "data/dev") is None
+    assert selection_warning(list(range(11)), "recall_mean_10", "data/dev") is None  # 11 images: R@10 < 1

@@ -87,7 +87,7 @@ def train_exp(root: Path, variant: str, *overrides: str, steps: int = 2):
     overrides = ("--model.clip.vocab", write_vocab(root / "vocab.txt")) + overrides
     train, emb = make_data_dir(root, "train", n_images=3, caps_per_image=2, seed=1)
     data = {"train": {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(train),
-                      "amp": False, "num_workers": 0, "batch_size": 3, "max_steps": steps, "valid_every": steps,
+                      "precision": "fp32", "num_workers": 0, "batch_size": 3, "max_steps": steps, "valid_every": steps,
                       "warmup_steps": 1, "log_every": 1, "lr": 1e-3}}
     cfg = load_config(str(CONF / f"tiny_{variant}.yaml"), list(overrides), data=data)
     exp = root / "exp" / f"tiny_{variant}"
@@ -146,7 +146,8 @@ def test_results_json_matches_direct_recall_on_model_embeddings(scored):
 
     kw = res["keywords"]
     for key in ("subword_hit_rate", "subword_hit_rate_at5", "word_hit_rate", "duplicate_rate", "mean_keywords",
-                "mean_target", "count_error", "n_keywords"):
+                "mean_target", "count_error", "n_keywords", "text_duplicate_rate", "excess_duplicate_rate",
+                "coverage", "word_coverage", "adjacent_repeat_rate", "subword_hit_rate_utt", "word_hit_rate_utt"):
         assert key in kw, key
     # the keyword file holds exactly what the API reads for each utterance
     lines = (scored["out"] / "keywords.txt").read_text().splitlines()
@@ -160,25 +161,147 @@ def test_results_json_matches_direct_recall_on_model_embeddings(scored):
     assert all(k["start"] <= k["end"] for d in detail for k in d["keywords"])
 
 
+def test_keyword_comparison_metrics_follow_the_keyword_file(scored):
+    """coverage, duplicates, adjacent repeats and the K bins of results.json, recomputed from keywords.jsonl."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from speechclip_plus.eval.keywords import k_bin, normalize_words
+
+    kw = json.loads((scored["out"] / "results.json").read_text())["keywords"]
+    detail = [json.loads(x) for x in (scored["out"] / "keywords.jsonl").read_text().splitlines()]
+    keys = [[k["token_id"] for k in d["keywords"]] for d in detail]
+    vocab = SimpleTokenizer().encoder  # the captions are ASCII words, whose vocabulary entry is the token string
+    text = [[vocab[t] for t in d["text_tokens"]] for d in detail]
+    assert kw["coverage"] == pytest.approx(np.mean([len(set(k) & set(t)) / len(set(t)) for k, t in zip(keys, text)]))
+    words = [set(normalize_words(d["text"])) for d in detail]
+    kw_words = [{k["token"][:-4] for k in d["keywords"] if k["token"].endswith("</w>")} for d in detail]
+    assert kw["word_coverage"] == pytest.approx(np.mean([len(w & v) / len(w) for w, v in zip(words, kw_words)]))
+    assert kw["adjacent_repeat_rate"] == pytest.approx(
+        sum(a == b for k in keys for a, b in zip(k, k[1:])) / sum(len(k) for k in keys))
+    spoken = [(k, t) for k, t in zip(keys, text) if k]
+    dup = [(1 - len(set(k)) / len(k)) - (1 - len(set(t)) / len(t)) for k, t in spoken]
+    assert kw["excess_duplicate_rate"] == pytest.approx(np.mean(dup))
+    assert kw["excess_duplicate_rate"] == pytest.approx(kw["duplicate_rate"] - kw["text_duplicate_rate"])
+    bins = {}
+    for k in keys:
+        bins[k_bin(len(k))] = bins.get(k_bin(len(k)), 0) + 1
+    assert {b: m["n_utterances"] for b, m in kw["by_k"].items()} == bins
+    assert sum(m["n_keywords"] for m in kw["by_k"].values()) == kw["n_keywords"]
+
+
+def _md_rows(table: str):
+    """Cells of each row of a Markdown table (header, rule, body), split at unescaped pipes."""
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", ln.strip()[1:-1])] for ln in table.splitlines()]
+
+
+def test_results_table_columns_and_by_k_table():
+    from speechclip_plus.eval.scoring import keyword_by_k_table, results_table
+
+    kw = {"subword_hit_rate": 0.5, "subword_hit_rate_at5": 0.75, "word_hit_rate": 0.25, "coverage": 0.4,
+          "word_coverage": 0.3, "duplicate_rate": 0.2, "excess_duplicate_rate": -0.05, "adjacent_repeat_rate": 0.125,
+          "mean_keywords": 8.0, "count_error": None,
+          "by_k": {"5-8": {"n_utterances": 3, "mean_keywords": 6.5, "subword_hit_rate": 0.5, "word_hit_rate": 0.25,
+                           "coverage": 0.4, "word_coverage": 0.3, "excess_duplicate_rate": float("nan"),
+                           "adjacent_repeat_rate": 0.125},
+                   "17+": {"n_utterances": 1, "mean_keywords": 20.0, "coverage": 1.0}}}
+    results = {"retrieval": {"parallel": {}, "cascaded": {}}, "retrieval_branch": "parallel", "keywords": kw}
+    cells = _md_rows(results_table(results))
+    head, cascaded = cells[0], next(c for c in cells if c[0] == "cascaded")
+    row = dict(zip(head, cascaded))
+    assert head[7:10] == ["kw subword hit", "kw hit@5", "kw word hit"]  # the recipes test reads these by place
+    assert (row["kw cover"], row["word cover"], row["kw dup"], row["excess dup"], row["adj repeat"]) == \
+        ("40.00", "30.00", "20.00", "-5.00", "12.50")
+    assert (row["mean K"], row["\\|K-target\\|"]) == ("8.00", "-")
+    by_k = _md_rows(keyword_by_k_table(kw))
+    assert by_k[0] == ["K", "utterances", "mean K", "subword hit", "word hit", "cover", "word cover", "excess dup",
+                       "adj repeat"]
+    assert by_k[2] == ["5-8", "3", "6.50", "50.00", "25.00", "40.00", "30.00", "-", "12.50"]
+    assert by_k[3][:3] == ["17+", "1", "20.00"] and by_k[3][5] == "100.00" and by_k[3][3] == "-"
+
+
+def _md_tables(md: str):
+    """The Markdown tables of a RESULTS.md, each as {first cell: row line}, in order."""
+    tables, current = [], None
+    for line in md.splitlines():
+        if line.startswith("|-"):
+            continue
+        if line.startswith("| "):
+            if current is None:
+                current = {"header": line}
+                tables.append(current)
+            else:
+                current[line.split("|")[1].strip()] = line
+        else:
+            current = None
+    return tables
+
+
 def test_results_md_table_and_plots(scored):
+    from speechclip_plus.eval.retrieval import chance_recall
+
     md = (scored["exp"] / "RESULTS.md").read_text()
     assert md.count("## test: best.pt (step 2)") == 1
-    rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
-    assert rows[0].startswith("| branch") and "S→I R@1" in rows[0] and "kw subword hit" in rows[0]
-    body = {r.split("|")[1].strip(): r for r in rows[1:]}
-    assert set(body) == {"parallel *", "cascaded", "combined"}
+    images, k_table, texts = _md_tables(md)  # per branch; keywords per K bin; speech <-> text
+    assert images["header"].startswith("| branch") and "S→I R@1" in images["header"]
+    assert "kw subword hit" in images["header"]
+    assert set(images) - {"header"} == {"parallel *", "cascaded", "combined", "chance"}
     res = json.loads((scored["out"] / "results.json").read_text())
     r1 = f"{100 * res['retrieval']['cascaded']['speech_to_image_r1']:.2f}"
-    assert body["cascaded"].split("|")[2].strip() == r1
+    assert images["cascaded"].split("|")[2].strip() == r1
     dup = f"{100 * res['keywords']['duplicate_rate']:.2f}"
-    assert dup in body["cascaded"] and body["parallel *"].rstrip(" |").endswith("-")
+    assert dup in images["cascaded"] and images["parallel *"].rstrip(" |").endswith("-")
+    cover = f"{100 * res['keywords']['coverage']:.2f}"
+    assert cover in images["cascaded"]
+    assert k_table["header"].startswith("| K ") and "adj repeat" in k_table["header"]
+    by_k = {k: v for k, v in k_table.items() if k != "header"}
+    assert list(by_k) == list(res["keywords"]["by_k"])  # one row per bin, in order
+    for label, line in by_k.items():
+        assert line.split("|")[2].strip() == str(res["keywords"]["by_k"][label]["n_utterances"])
+    # the chance row: 3 images with 2 utterances each (S->I R@1 = 1/3; I->S R@1 = 2/6; R@5 is 1 for any model)
+    assert res["chance"]["retrieval"] == chance_recall([0, 0, 1, 1, 2, 2])
+    assert [c.strip() for c in images["chance"].split("|")[2:8]] == ["33.33", "100.00", "100.00"] * 2
+    # zero-shot speech <-> text: its own table with the branches in CLIP's space and a chance row
+    assert "S→T R@1" in texts["header"] and "T→S R@10" in texts["header"]
+    assert set(texts) - {"header"} == {"parallel", "cascaded", "chance"}
+    s2t = f"{100 * res['text_retrieval']['cascaded']['speech_to_text_r5']:.2f}"
+    assert texts["cascaded"].split("|")[3].strip() == s2t
+    assert "SpeechCLIP's zero-shot number" in md
 
     plots = sorted(os.listdir(scored["out"] / "plots"))
     utts = _utts(scored["data"])
-    assert plots == sorted([f"cif_{utts[0]}.png", f"cif_{utts[1]}.png", "retrieval_parallel.png"])
+    assert plots == sorted([f"cif_{utts[0]}.png", f"cif_{utts[1]}.png", "retrieval_parallel.png",
+                            "keywords_by_k.png", "text_retrieval_parallel.png"])
     for p in plots:
         assert (scored["out"] / "plots" / p).read_bytes()[:4] == b"\x89PNG"
     assert sorted(res["plots"]) == [f"plots/{p}" for p in plots]
+
+
+def test_text_retrieval_equals_api_embeddings_against_clip_text(scored):
+    """results.json's speech <-> text recall = recall_at_k of the API's speech embeddings against the API's
+    CLIP text embeddings of the distinct transcriptions; repeated captions are one candidate."""
+    from speechclip_plus import SpeechCLIPPlus
+    from speechclip_plus.eval.retrieval import recall_at_k
+    from speechclip_plus.eval.scoring import text_matrix
+
+    res = json.loads((scored["out"] / "results.json").read_text())
+    assert set(res["text_retrieval"]) == {"parallel", "cascaded"}  # combined is not in CLIP's text space
+    api = SpeechCLIPPlus.from_pretrained(scored["exp"])
+    data = scored["data"]
+    text = dict(line.split(" ", 1) for line in (data / "text").read_text().splitlines())
+    captions = [text[u].rstrip(".") for u in _utts(data)]
+    distinct = sorted(set(captions))
+    assert res["n_texts"] == len(distinct) == 6
+    txt = api.embed_text(distinct)
+    s2t = torch.tensor([distinct.index(c) for c in captions])
+    for branch in ("parallel", "cascaded"):
+        speech = api.embed_speech(_wav_paths(data), branch=branch, batch_size=1)
+        expected = recall_at_k(speech, txt, s2t, ks=(1, 5, 10), names=("speech_to_text", "text_to_speech"))
+        assert res["text_retrieval"][branch] == pytest.approx(expected, abs=1e-9), branch
+    # duplicates: the same CLIP tokens (case, spacing, a final period) make one candidate
+    unique, emb, rows = text_matrix(api.model, ["A dog runs.", "a  dog RUNS", "A cat", "A dog runs"])
+    assert unique == ["A dog runs", "A cat"] and rows.tolist() == [0, 0, 1, 0]
+    assert emb.shape == (2, api.embed_dim)
+    assert torch.allclose(emb[0], api.embed_text("a dog runs")[0], atol=1e-6)
 
 
 def test_rescoring_replaces_its_section_and_untrained_adds_one(scored):

@@ -1,4 +1,4 @@
-"""shellcheck (the Debian package) on every ``*.sh`` of egs/, utils/ and tools/: any finding fails.
+"""shellcheck (the Debian package) on every ``*.sh`` of egs/, utils/, tools/ and bench/: any finding fails.
 
 Generated trees (``data/``, ``dump/``, ``exp/``, ``downloads/`` of recipes, hidden folders) are not sources and
 are left out. Without shellcheck the test is skipped, except under CI=true where that is a failure.
@@ -15,12 +15,12 @@ from typing import List
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = ("egs", "utils", "tools")
+ROOTS = ("egs", "utils", "tools", "bench")
 GENERATED = {"data", "dump", "exp", "downloads", "__pycache__"}
 
 
 def shell_scripts() -> List[str]:
-    """Repository-relative paths of the ``*.sh`` files under egs/, utils/, tools/ (generated trees excluded)."""
+    """Repository-relative paths of the ``*.sh`` files under ``ROOTS`` (generated trees excluded)."""
     found = []
     for root in ROOTS:
         for dirpath, dirnames, filenames in os.walk(REPO / root):
@@ -38,7 +38,7 @@ def test_every_shell_script_is_shellcheck_clean():
     scripts = shell_scripts()
     for expected in ("egs/TEMPLATE/speechclip.sh", "egs/TEMPLATE/setup.sh", "egs/flickr8k/run.sh",
                      "egs/flickr8k/db.sh", "egs/flickr8k/local/data.sh", "egs/spokencoco/local/data.sh",
-                     "utils/parse_options.sh"):
+                     "utils/parse_options.sh", "bench/gpu.sh"):
         assert expected in scripts, f"{expected} not found: the script walk is broken"
     proc = subprocess.run(["shellcheck", "--format=gcc", *scripts], cwd=REPO, capture_output=True, text=True,
                           check=False)

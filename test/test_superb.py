@@ -153,7 +153,7 @@ def test_bad_entry_arguments_are_clear_errors(expert, model_file, tmp_path):
     bad.write_text("per_utterance: true\nlayer: 3\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: unknown speechclip_plus upstream option 'layer'"):
         speechclip_plus_local(model_file, model_config=str(bad))
-    with pytest.raises(ValueError, match="option 'per_utterance' must be bool"):
+    with pytest.raises(ValueError, match="option 'per_utterance' must be true | false | auto"):
         speechclip_plus_local(model_file, per_utterance="yes")
     with pytest.raises(ValueError, match="waveform 0 must be a non-empty 1-D"):
         expert([torch.zeros(2, 100)])
@@ -195,6 +195,38 @@ def test_s3prl_upstream_finds_registered_entry(expert, model_file, registered):
     assert len(all_hs) == n_layers
     assert all_lens[0].tolist() == [(32000 - 1) // RATE + 1, (16000 - 1) // RATE + 1]
     assert hs.shape == (2, all_hs[0].shape[1], expert.model.upstream.hidden_dim)
+
+
+def test_fine_tuning_reaches_only_the_trainable_frame_encoder(expert):
+    """What s3prl's ``-f`` (upstream trainable) trains: the runner puts the expert in train mode and hands all
+    its parameters to the optimiser; gradients reach the layer weights, the CLS tokens and the attention block
+    (the last hidden state), never the frozen trunk or CLIP (requires_grad False), nor the branch heads."""
+    expert.train()
+    try:
+        states = expert([_wave(16000, 12), _wave(9000, 13)])["hidden_states"]
+        sum(h.float().pow(2).mean() for h in states).backward()
+    finally:
+        expert.eval()
+    with_grad = {n for n, p in expert.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    frozen = {n for n, p in expert.model.named_parameters() if not p.requires_grad}
+    try:
+        assert {n.split(".")[0] for n in with_grad} == {"upstream", "cls", "encoder"}
+        assert {n for n in with_grad if n.startswith("upstream.")} == {"upstream.layer_weights"}
+        assert all(n.startswith(("upstream.upstream.", "clip.")) for n in frozen) and frozen
+        assert not any(n.startswith(("upstream.upstream.", "clip.")) for n in with_grad)
+    finally:
+        expert.model.zero_grad(set_to_none=True)
+
+
+def test_s3prl_upstream_is_left_in_train_mode(model_file, registered):
+    """``S3PRLUpstream(...)`` calls ``.train()`` on the upstream after probing it: call ``.eval()`` before
+    extracting features (the attention block's dropout would otherwise be on)."""
+    from s3prl.nn import S3PRLUpstream
+
+    with torch.random.fork_rng(devices=[]):
+        upstream = S3PRLUpstream("speechclip_plus_local", path_or_url=model_file)
+    assert upstream.upstream.model.encoder.training
+    assert not upstream.eval().upstream.model.encoder.training
 
 
 # ------------------------------------------------------------------------------------------ torch.hub entries

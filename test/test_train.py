@@ -73,12 +73,12 @@ def make_corpus(root: Path, n_utts: int = 8, n_images: int = 4, seed: int = 0, n
 
 
 def tiny_config(variant: str = "p", model=None, **train):
-    """Resolved tiny config: AMP off, no workers, a 0.75 s crop (``crop=False``: none), ``train`` keys and the
+    """Resolved tiny config: float32, no workers, a 0.75 s crop (``crop=False``: none), ``train`` keys and the
     nested ``model`` dict on top."""
     from speechclip_plus.config import load_config
 
     crop = train.pop("crop", 12000)
-    data = {"train": {"amp": False, "num_workers": 0, **train},
+    data = {"train": {"precision": "fp32", "num_workers": 0, **train},
             "model": {"max_audio_len": crop or None, **(model or {})}}
     return load_config(str(CONF / f"tiny_{variant}.yaml"), data=data)
 
@@ -93,24 +93,27 @@ def corpus(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
-def test_schedule_warms_up_then_decays_to_final_lr():
+def test_schedule_is_step_exact_with_the_reference():
+    """linear_warmup_decay of the SpeechCLIP(+) code: factor (s + 1) / W while s < W, then
+    1 - (1 - f / lr) * (s + 1 - W) / (S - W); optimiser step s (from 0) runs at lr times that factor."""
     from speechclip_plus.train.scheduler import build_scheduler
 
+    lr, f, W, S = 1e-3, 1e-5, 4, 12
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([p], lr=1e-3)
-    sched = build_scheduler(opt, warmup_steps=4, max_steps=12, final_lr=1e-5)
+    opt = torch.optim.Adam([p], lr=lr)
+    sched = build_scheduler(opt, warmup_steps=W, max_steps=S, final_lr=f)
     lrs = []
-    for _ in range(16):
+    for _ in range(S + 3):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(1e-3 / 4)  # warm-up starts near 0, not at 0
-    assert lrs[3] == pytest.approx(1e-3)
-    assert all(a < b for a, b in zip(lrs[:3], lrs[1:4]))
-    assert lrs[4] == pytest.approx(1e-3)  # decay starts at warmup_steps
-    assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13]))
-    assert lrs[8] == pytest.approx(1e-3 + (1e-5 - 1e-3) * 4 / 8)
-    assert lrs[12:] == pytest.approx([1e-5] * 4)  # held at final_lr after max_steps
+    reference = [lr * ((s + 1) / W if s < W else 1 - (1 - f / lr) * (s + 1 - W) / (S - W)) for s in range(S)]
+    assert lrs[:S] == pytest.approx(reference, rel=1e-12)
+    assert lrs[0] == pytest.approx(lr / 4)  # warm-up starts near 0, not at 0
+    assert lrs[W - 1] == pytest.approx(lr)  # the peak is the last warm-up step
+    assert lrs[W] == pytest.approx(lr * (1 - 0.99 / 8))  # decay already at the first step after warm-up
+    assert lrs[S - 1] == pytest.approx(f)  # the last optimiser step runs at final_lr
+    assert lrs[S:] == pytest.approx([f] * 3)  # held there if training goes on
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -288,6 +291,100 @@ def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path):
     assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())
 
 
+def test_fp16_overflow_skips_the_step_without_moving_the_schedule(corpus, tmp_path):
+    """A GPU's fp16 path, driven on the CPU with a real GradScaler: gradients that overflow (finite loss) make
+    the scaler skip the update; that step must not count, move the LR schedule or reset the bad-step count."""
+    from speechclip_plus.config import ConfigError
+    from speechclip_plus.train.trainer import TrainingDiverged
+
+    train = {k: v for k, v in corpus.items() if not k.startswith("valid")}
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        _trainer(tiny_config("p", precision="fp16", **train), tmp_path / "refused")
+    cfg = tiny_config("p", max_steps=6, valid_every=100, batch_size=4, max_bad_steps=3, warmup_steps=2, **train)
+    tr = _trainer(cfg, tmp_path / "exp")
+    tr.fp16, tr.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    overflow = {"on": False}
+    tr.raw_model.parallel.proj.weight.register_hook(lambda g: g * float("inf") if overflow["on"] else g)
+    real_step = tr._optimizer_step
+    snapshot = {}
+
+    def step(window):
+        ok, norm = real_step(window)
+        if tr.step == 0 and ok:  # the first step is good; from then on every step overflows
+            overflow["on"] = True
+            snapshot.update({n: p.detach().clone() for n, p in tr.raw_model.named_parameters()})
+            snapshot["lr"] = tr.optimizer.param_groups[0]["lr"]
+        return ok, norm
+
+    tr._optimizer_step = step
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        tr.fit()
+    assert tr.step == 1 and tr.total_bad_steps == 3 and tr.scheduler.last_epoch == 1
+    assert tr.optimizer.param_groups[0]["lr"] == snapshot["lr"]
+    assert tr.scaler.get_scale() == 2.0 ** 10 / 8  # halved at each skipped step
+    assert all(torch.equal(p, snapshot[n]) for n, p in tr.raw_model.named_parameters())
+
+
+@pytest.mark.parametrize("accum_grad,expected", [(1, [2, 4, 5]), (3, [1, 2, 3])])
+def test_validation_once_per_epoch(corpus, tmp_path, accum_grad, expected):
+    """valid_every: epoch (the reference's cadence): after the step that finishes an epoch's batches, or, when an
+    epoch ends inside an accumulation window, after that window's step; and at max_steps."""
+    cfg = tiny_config("p", batch_size=4, accum_grad=accum_grad, max_steps=expected[-1], valid_every="epoch",
+                      **corpus)
+    assert cfg["train"]["bucketing"] is False
+    tr = _trainer(cfg, tmp_path / "exp")
+    assert len(tr.sampler) == 2 and tr.sampler.bucketing is False  # 8 utterances, batches of 4
+    tr.fit()
+    records = [json.loads(x) for x in (tmp_path / "exp" / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == expected
+    assert "validated at the end of every epoch" in (tmp_path / "exp" / "train.log").read_text()
+    assert _trainer(tiny_config("p", bucketing=True, **corpus), tmp_path / "b").sampler.bucketing is True
+
+
+@pytest.mark.parametrize("branch", [None, "cascaded"])
+def test_checkpoints_are_selected_on_the_configured_branch(corpus, tmp_path, branch):
+    cfg = tiny_config("hplus", max_steps=4, valid_every=1, batch_size=4, model={"retrieval_branch": branch},
+                      **corpus)
+    tr = _trainer(cfg, tmp_path / "exp")
+    key = f"{branch or 'parallel'}/recall_mean_10"
+    assert tr.best["metric"] == key
+    tr.fit()
+    records = [json.loads(x) for x in (tmp_path / "exp" / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: (r[key], -r["step"]))
+    assert torch.load(tmp_path / "exp" / "checkpoints" / "best.pt", weights_only=True)["step"] == best["step"]
+
+
+def test_per_term_gradient_norms_at_the_shared_encoder(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from speechclip_plus.data import collate
+
+    cfg = tiny_config("hplus", max_steps=2, valid_every=100, batch_size=4, log_every=1, log_grad_norms=True,
+                      **{k: v for k, v in corpus.items() if not k.startswith("valid")})
+    tr = _trainer(cfg, tmp_path / "exp")
+    tr.fit()
+    tr.close()
+    ev = EventAccumulator(str(tmp_path / "exp" / "tensorboard"))
+    ev.Reload()
+    for tag in ("train/grad_norm/cl_parallel", "train/grad_norm/cl_cascaded", "train/grad_norm/quantity",
+                "train/grad_cos/cl_parallel~cl_cascaded"):
+        assert [e.step for e in ev.Scalars(tag)] == [1, 2], tag
+    assert all(-1 <= e.value <= 1 for e in ev.Scalars("train/grad_cos/cl_parallel~cl_cascaded"))
+    # the gradient of w_p * L_p scales with w_p; the other terms' do not; the cosine is unchanged
+    model = tr.raw_model
+    batch = collate([tr.train_set[i] for i in range(4)])
+    stats = []
+    for w in (1.0, 3.0):
+        model.cfg["parallel"]["weight"] = w
+        torch.manual_seed(0)
+        stats.append(tr._term_gradients(model(**tr._inputs(batch))["weighted"]))
+    a, b = stats
+    assert float(b["grad_norm/cl_parallel"]) == pytest.approx(3 * float(a["grad_norm/cl_parallel"]), rel=1e-4)
+    assert float(b["grad_norm/cl_cascaded"]) == pytest.approx(float(a["grad_norm/cl_cascaded"]), rel=1e-4)
+    assert float(b["grad_cos/cl_parallel~cl_cascaded"]) == pytest.approx(
+        float(a["grad_cos/cl_parallel~cl_cascaded"]), abs=1e-4)
+
+
 def test_cli_trains_writes_exp_dir_and_resumes(corpus, tmp_path):
     exp = tmp_path / "exp"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -296,7 +393,7 @@ def test_cli_trains_writes_exp_dir_and_resumes(corpus, tmp_path):
            "--train_data", corpus["train_data"], "--valid_data", corpus["valid_data"],
            "--image_embeds", corpus["image_embeds"], "--valid_image_embeds", corpus["valid_image_embeds"],
            "--exp_dir", str(exp), "--no_progress", "--train.max_steps", "2", "--train.valid_every", "1",
-           "--train.batch_size", "4", "--train.num_workers", "0", "--train.amp", "true"]
+           "--train.batch_size", "4", "--train.num_workers", "0", "--train.precision", "auto"]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     for f in ("config.yaml", "train.log", "run.sh", "checkpoints/last.pt", "checkpoints/best.pt",

@@ -29,8 +29,9 @@ def test_fbank(fbank):
     wav, lens = waves([16000, 9000, 12345])
     states, feat_lens = fbank.hidden_states(wav, lens)
     assert len(states) == 1 and states[0].shape[0] == 3 and states[0].shape[2] == 240
-    assert (feat_lens.float() - lens / 160).abs().max() <= 2  # the 25 ms window ends 1.5 frames early
-    assert feat_lens.max() <= states[0].shape[1]
+    # exactly the frames of each utterance alone: a 25 ms window every 10 ms, (n - 400) // 160 + 1
+    assert feat_lens.tolist() == [(n - 400) // 160 + 1 for n in lens.tolist()]
+    assert feat_lens.max() == states[0].shape[1]
     feats, feat_lens2 = fbank(wav, lens)
     assert feats.shape == states[0].shape and torch.equal(feat_lens, feat_lens2)
 
@@ -42,7 +43,8 @@ def test_tiny_hubert_layers_and_rate(hubert):
     wav, lens = waves(lengths)
     states, feat_lens = hubert.hidden_states(wav, lens)
     assert len(states) == 3 and all(h.shape == (4, 49, 32) for h in states)  # floor((16000-400)/320)+1
-    assert (feat_lens.float() - lens / 320).abs().max() <= 1
+    # a 400-sample receptive field every 320 samples; the 700-sample utterance makes 1 frame
+    assert feat_lens.tolist() == [49, 24, 38, 1]
     assert feat_lens.min() >= 1
     for h in states:  # frames at and past feat_lens are zero
         pad = torch.arange(h.shape[1])[None] >= feat_lens[:, None]
@@ -67,6 +69,74 @@ def test_padding_invariance_per_utterance(which, request):
         assert blens.tolist() == [(n - 400) // up.downsample_rate + 1 for n in lens.tolist()]
     finally:
         up.per_utterance = False
+
+
+@pytest.mark.parametrize("which", ["hubert", "fbank"])
+def test_frame_counts_are_what_the_upstream_makes_alone(which, request):
+    up = request.getfixturevalue(which)
+    lengths = [401, 719, 720, 721, 3333, 9000, 16001, 24000]
+    alone = [up._run([torch.randn(n) * 0.1])[0].shape[1] for n in lengths]
+    assert up.frame_counts(lengths) == alone
+    assert up._receptive == 400  # fitted, not measured per length
+
+
+def test_frame_counts_of_an_upstream_outside_the_formula_are_measured(fbank):
+    fbank._receptive, fbank._formula_checked = None, True  # as if the formula had failed its check
+    try:
+        assert fbank.frame_counts([5000, 7777]) == [(5000 - 400) // 160 + 1, (7777 - 400) // 160 + 1]
+        assert {5000, 7777} <= set(fbank._frames_cache)
+    finally:
+        fbank._formula_checked = False
+
+
+def test_batched_filterbanks_equal_each_utterance_alone(fbank):
+    """fbank is batch-invariant: with exact frame counts nothing of the padding counts as a frame."""
+    assert fbank.batch_invariant and fbank.per_utterance is False
+    wav, lens = waves([6000, 16000, 11111], seed=9)
+    batch, blens = fbank(wav, lens)
+    for b in range(3):
+        alone, alens = fbank(wav[b : b + 1, : lens[b]], lens[b : b + 1])
+        assert blens[b] == alens[0] == alone.shape[1]
+        assert torch.allclose(batch[b, : alens[0]], alone[0], atol=1e-5)
+        assert batch[b, alens[0]:].abs().sum() == 0
+
+
+def test_hubert_is_not_batch_invariant_so_auto_runs_it_alone(hubert):
+    assert hubert.batch_invariant is False  # GroupNorm and positional conv see the padding
+    hubert.per_utterance = "auto"
+    try:
+        assert hubert.runs_per_utterance()
+        wav, lens = waves([7000, 16000], seed=10)
+        batch, _ = hubert.hidden_states(wav, lens)
+        alone, alens = hubert.hidden_states(wav[:1, :7000], lens[:1])
+        assert all(torch.allclose(b[0, : alens[0]], a[0], atol=1e-5) for b, a in zip(batch, alone))
+    finally:
+        hubert.per_utterance = False
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_raw_last_layer(tmp_path, pre_ln):
+    """The reference's last state is the last layer's raw output; s3prl's passes a pre-LN encoder's final LN."""
+    from speechclip_plus.models.tiny import save_tiny_hubert
+
+    ckpt = save_tiny_hubert(tmp_path / "h.pt", extractor_mode="layer_norm" if pre_ln else "default")
+    s3prl_states = Upstream("hubert_local", ckpt=ckpt)
+    raw = Upstream("hubert_local", ckpt=ckpt, raw_last_layer=True)
+    wav, lens = waves([9000, 16000], seed=11)
+    a, la = s3prl_states.hidden_states(wav, lens)
+    b, lb = raw.hidden_states(wav, lens)
+    assert torch.equal(la, lb) and len(a) == len(b)
+    assert all(torch.equal(x, y) for x, y in zip(a[:-1], b[:-1]))
+    encoder = raw.upstream.model.encoder
+    if pre_ln:
+        assert not torch.allclose(a[-1], b[-1], atol=1e-3)
+        pad = torch.arange(a[-1].shape[1])[None] >= la[:, None]
+        ln = encoder.layer_norm(b[-1]).masked_fill(pad[..., None], 0.0)
+        assert torch.allclose(ln, a[-1], atol=1e-5)  # s3prl's state = final LayerNorm of the raw output
+    else:
+        assert torch.allclose(a[-1], b[-1], atol=1e-6)  # post-LN: no final LayerNorm, the same state
+    with pytest.raises(ValueError, match="raw_last_layer"):
+        Upstream("fbank", raw_last_layer=True)
 
 
 def test_padded_batch_keeps_utterances_apart(hubert, fbank):

@@ -109,3 +109,31 @@ def test_make_vocab_cli(tmp_path):
     write_kv(tmp_path / "t3", {"bad": " ".join(["dog"] * 80)})
     assert main(["--text", str(tmp_path / "t3"), "--out_dir", str(tmp_path / "x")]) == 1
     assert not os.path.exists(tmp_path / "x" / "clip_vocab_usage.txt")
+
+
+def test_make_vocab_caps_a_sentencepiece_size_too_large_for_a_small_corpus(tmp_path, caplog, capsys):
+    """A small corpus cannot fill --spm_vocab_size 500: capped at what it allows, with a warning naming the
+    size; a size it can fill is exact; --spm_exact turns the cap into an error naming the option."""
+    import logging
+
+    import sentencepiece as spm
+
+    from speechclip_plus.bin.make_vocab import main
+
+    caplog.set_level(logging.INFO)
+    write_kv(tmp_path / "text", {f"u{k:02d}": t for k, t in enumerate(sentences(6))})
+    out = tmp_path / "token_list"
+    assert main(["--text", str(tmp_path / "text"), "--out_dir", str(out), "--spm_vocab_size", "500"]) == 0
+    pieces = spm.SentencePieceProcessor(model_file=str(out / "spm" / "bpe.model")).get_piece_size()
+    assert 20 < pieces < 500
+    assert (f"--spm_vocab_size 500 is more than these 6 caption(s) allow: capped at {pieces} pieces "
+            f"(pass --spm_vocab_size {pieces} to make it explicit)") in caplog.text
+    caplog.clear()
+    assert main(["--text", str(tmp_path / "text"), "--out_dir", str(out), "--spm_vocab_size", str(pieces - 5)]) == 0
+    assert spm.SentencePieceProcessor(model_file=str(out / "spm" / "bpe.model")).get_piece_size() == pieces - 5
+    assert "capped" not in caplog.text
+    assert main(["--text", str(tmp_path / "text"), "--out_dir", str(tmp_path / "exact"), "--spm_vocab_size", "500",
+                 "--spm_exact"]) == 1
+    err = capsys.readouterr().err
+    assert f"<= {pieces}" in err and "--spm_vocab_size" in err
+    assert not (tmp_path / "exact" / "spm" / "bpe.model").exists()

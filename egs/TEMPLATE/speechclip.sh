@@ -2,10 +2,12 @@
 # The shared stage engine of every recipe: data -> audio -> image cache -> vocab -> train -> score -> export.
 # A recipe's run.sh sets its corpus options and calls this script with "$@" last (user options win).
 #
-# Stages (each logged, skipped when its .done marker exists, outputs written atomically):
+# Stages (each logged, skipped when its .done marker exists, outputs written atomically; the Python comes from
+# path.sh beside this script: --python, else the active env, else <repo>/.venv):
 #   0  local/data.sh: corpus -> Kaldi data dirs data/<set>/ (validated)
 #   1  audio check/format: 16 kHz mono (converted copies in dump/audio/), data/<set>/utt2dur
-#   2  frozen-CLIP image embeddings: dump/<clip tag>/<set>/img_embed.{ark,scp}
+#   2  frozen-CLIP image embeddings: dump/<clip key>/<set>/img_embed.{ark,scp} (--train_teacher true first
+#      trains a tiny CLIP teacher on the train set into the file model.clip.pretrained names: the CPU route)
 #   3  vocabularies: data/token_list/clip_vocab_usage.txt (keyword codebook), data/token_list/spm/bpe.model
 #   4  training: exp/<tag>/ (config.yaml, train.log, tensorboard/, checkpoints/, run.sh)
 #   5  scoring on the test sets: exp/<tag>/<set>/results.json, plots, exp/<tag>/RESULTS.md
@@ -17,14 +19,14 @@ log() {
     echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
 }
 SECONDS=0
-cmdline="$0 $*"
+_vars_before=$(compgen -v)
 
 # General options
 stage=0                 # first stage to run
 stop_stage=100          # last stage to run
 skip_train=false        # skip stages 4 (training)
 skip_eval=false         # skip stages 5-6 (scoring, export)
-python=python3          # python interpreter (e.g. "coverage run")
+python=""               # python interpreter (e.g. "coverage run"); empty: found by path.sh
 nj=2                    # parallel jobs for data stages
 ngpu=0                  # GPUs (0 = CPU); >1 launches torchrun
 num_nodes=1             # machines for multi-node training
@@ -42,8 +44,12 @@ test_sets="test"        # test set names (space separated)
 vocab_source=train      # keyword vocabulary from the train text (train) or every set (all, as the reference)
 spm_vocab_size=500      # sentencepiece BPE size (the spm CIF target and subword statistics)
 image_batch_size=64     # images per batch in stage 2
+train_teacher=false     # true: stage 2 first trains a tiny CLIP teacher into model.clip.pretrained (CPU route)
+teacher_opts=""         # options for that teacher (egs/mini/local/train_clip.py), e.g. "--steps 300"
 validate_opts=""        # options for speechclip_plus.bin.validate_data (e.g. "--fix_dir --check_images")
 format_audio_opts=""    # options for speechclip_plus.bin.format_audio (e.g. "--skip_bad")
+skip_bad=false          # true: stages 0-2 leave out bad wavs, images and captions, each listed by name in
+                        # data/<set>/excluded.txt, instead of stopping (see docs/reliability.md)
 
 # Training / scoring options
 train_config=""         # model + training YAML (required)
@@ -52,18 +58,25 @@ tag=""                  # experiment tag (default: from the config name and trai
 score_opts=""           # options for speechclip_plus.bin.score
 resume=true             # stage 4 resumes exp/<tag> when it has a last checkpoint
 
+# The option names are the variables defined above; their defaults are kept to report what a run changed.
+mapfile -t options < <(comm -13 <(sort <<<"${_vars_before}") <(compgen -v | sort) | grep -v '^_')
+declare -A option_default
+for o in "${options[@]}"; do option_default[${o}]=${!o}; done
+unset _vars_before
+
 help_message=$(cat <<EOF
 Usage: $0 --train_config <yaml> [options]
 
 Stages: 0 data, 1 audio format, 2 image-embedding cache, 3 vocabularies, 4 train, 5 score, 6 export.
 Options (current values):
   --stage \${stage}  --stop_stage \${stop_stage}  --skip_train \${skip_train}  --skip_eval \${skip_eval}
-  --python \${python}  --nj \${nj}  --ngpu \${ngpu}  --num_nodes \${num_nodes}  --node_rank \${node_rank}
+  --python "\${python}" (empty: found by path.sh)  --nj \${nj}  --ngpu \${ngpu}  --num_nodes \${num_nodes}  --node_rank \${node_rank}
   --master_addr \${master_addr}  --master_port \${master_port}  --dumpdir \${dumpdir}  --expdir \${expdir}
   --local_data_opts "\${local_data_opts}"
   --train_set \${train_set}  --valid_set \${valid_set}  --test_sets "\${test_sets}"
-  --validate_opts "\${validate_opts}"  --format_audio_opts "\${format_audio_opts}"
+  --validate_opts "\${validate_opts}"  --format_audio_opts "\${format_audio_opts}"  --skip_bad \${skip_bad}
   --vocab_source \${vocab_source}  --spm_vocab_size \${spm_vocab_size}  --image_batch_size \${image_batch_size}
+  --train_teacher \${train_teacher}  --teacher_opts "\${teacher_opts}"
   --train_config \${train_config}  --train_args "\${train_args}"  --tag "\${tag}"
   --score_opts "\${score_opts}"  --resume \${resume}
 EOF
@@ -83,6 +96,25 @@ if [ -z "${train_config}" ]; then
 fi
 [ -f "${train_config}" ] || { echo "$0: --train_config ${train_config}: no such file" >&2; exit 2; }
 
+# The options that differ from the engine's defaults (a recipe's run.sh and the user's options, last one wins).
+changed=()
+for o in "${options[@]}"; do
+    [ "${!o}" = "${option_default[${o}]}" ] || changed+=("--${o} $(printf '%q' "${!o}")")
+done
+run_options="${changed[*]}"
+
+# shellcheck disable=SC1091
+. "${engine_dir}/path.sh"  # sets ${python}: --python, else the active env, else <repo>/.venv
+log "$0 ${run_options} (python: ${python})"
+
+# --skip_bad (the data-integrity policy): passed to stage 0's local/data.sh as "--skip_bad true" and to
+# stages 1-2 as "--skip_bad"; nothing is passed when false, so a local/data.sh without the option still runs.
+case "${skip_bad}" in
+    true) data_skip_bad=(--skip_bad true); tool_skip_bad=(--skip_bad) ;;
+    false) data_skip_bad=(); tool_skip_bad=() ;;
+    *) echo "$0: --skip_bad must be true or false, got '${skip_bad}'" >&2; exit 2 ;;
+esac
+
 token_list=data/token_list
 vocab_file=${token_list}/clip_vocab_usage.txt
 spm_model=${token_list}/spm/bpe.model
@@ -96,10 +128,19 @@ if [ -z "${tag}" ]; then
 fi
 exp=${expdir}/${tag}
 
-# Resolved train config (train_args applied) is the single source of the CLIP model used by stages 2-6.
-# shellcheck disable=SC2086
-clip_tag=$(${python} -m speechclip_plus.bin.show_config --config "${train_config}" --clip_tag ${train_args})
-cache_dir=${dumpdir}/${clip_tag}
+# The image-embedding cache of the CLIP in the resolved train config (train_args applied): its folder name is
+# a key of the CLIP's content (config, weights digest), so another CLIP never reuses it. Found on first use,
+# after stage 2 may have trained the teacher whose weights it names.
+cache_dir=""
+find_cache_dir() {
+    [ -n "${cache_dir}" ] && return 0
+    local clip_key
+    # shellcheck disable=SC2086
+    clip_key=$(${python} -m speechclip_plus.bin.show_config --config "${train_config}" --clip_tag ${train_args}) ||
+        { echo "$0: cannot key the image-embedding cache of ${train_config} (above); a missing CLIP weights" \
+            "file is made by --train_teacher true (stage 2) or must be given in model.clip.pretrained" >&2; exit 2; }
+    cache_dir=${dumpdir}/${clip_key}
+}
 
 run_stage() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
 done_or_run() {  # done_or_run <marker> <command...>: run unless the marker exists; touch it after success
@@ -119,12 +160,28 @@ all_sets="${train_set} ${valid_set} ${test_sets}"
 
 if run_stage 0; then
     log "Stage 0: corpus -> Kaldi data dirs: data/{${all_sets// /,}}"
-    # shellcheck disable=SC2086
-    done_or_run data/.stage0.done local/data.sh ${local_data_opts}
-    for dset in ${all_sets}; do
+    # The marker means "local/data.sh ran and every set validated": it is written after the validation, so
+    # a local/data.sh edited after a failed validation runs again.
+    marker=data/.stage0.done
+    if [ -f "${marker}" ]; then
+        log "  already done (${marker}); skipping local/data.sh, validating again"
+    else
+        t0=${SECONDS}
         # shellcheck disable=SC2086
-        ${python} -m speechclip_plus.bin.validate_data ${validate_opts} "data/${dset}"
-    done
+        local/data.sh "${data_skip_bad[@]}" ${local_data_opts}
+        log "  local/data.sh done in $(( SECONDS - t0 )) s"
+    fi
+    dirs=()
+    for dset in ${all_sets}; do dirs+=("data/${dset}"); done
+    # shellcheck disable=SC2086
+    if ! ${python} -m speechclip_plus.bin.validate_data ${validate_opts} "${dirs[@]}"; then
+        rm -f "${marker}"
+        echo "$0: stage 0: ${dirs[*]} did not validate (problems above). Fix local/data.sh and re-run" \
+            "(it runs again), or exclude the bad utterances with --validate_opts \"--fix_dir\" (each listed in" \
+            "data/<set>/excluded.txt)" >&2
+        exit 1
+    fi
+    touch "${marker}"
 fi
 
 if run_stage 1; then
@@ -133,17 +190,38 @@ if run_stage 1; then
         # shellcheck disable=SC2086
         done_or_run "data/${dset}/.stage1.done" \
             ${python} -m speechclip_plus.bin.format_audio --data_dir "data/${dset}" \
-                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}" ${format_audio_opts}
+                --dump_dir "${dumpdir}/audio/${dset}" --nj "${nj}" "${tool_skip_bad[@]}" ${format_audio_opts}
     done
 fi
 
 if run_stage 2; then
+    if "${train_teacher}"; then
+        # shellcheck disable=SC2086
+        clip_json=$(${python} -m speechclip_plus.bin.show_config --config "${train_config}" --key model.clip.name \
+            ${train_args})
+        # shellcheck disable=SC2086
+        clip_weights=$(${python} -m speechclip_plus.bin.show_config --config "${train_config}" \
+            --key model.clip.pretrained ${train_args})
+        if [[ "${clip_json}" != *.json ]] || [ "$(basename "${clip_weights}")" != clip.pt ]; then
+            echo "$0: --train_teacher true needs model.clip.name = an open_clip model-config .json and" \
+                "model.clip.pretrained = <dir>/clip.pt in ${train_config} (found ${clip_json}, ${clip_weights})" >&2
+            exit 2
+        fi
+        log "Stage 2: CLIP teacher ${clip_json} on data/${train_set} -> ${clip_weights}"
+        # shellcheck disable=SC2086
+        ${python} "${engine_dir}/../mini/local/train_clip.py" --config "${clip_json}" --data_dir data \
+            --train_set "${train_set}" --eval_sets ${valid_set} --exp_dir "$(dirname "${clip_weights}")" \
+            ${teacher_opts}
+    fi
+    find_cache_dir
+    # No marker: embed_images checks the cache's key (CLIP weights and config, the set's image list) on every
+    # run, reuses it when it matches (and says so) and recomputes it when anything changed.
     log "Stage 2: frozen CLIP image embeddings: data/<set>/img.scp -> ${cache_dir}/<set>/img_embed.scp"
     for dset in ${all_sets}; do
         # shellcheck disable=SC2086
-        done_or_run "${cache_dir}/${dset}/.done" \
-            ${python} -m speechclip_plus.bin.embed_images --config "${train_config}" ${train_args} \
-                --data_dir "data/${dset}" --out_dir "${cache_dir}/${dset}" --batch_size "${image_batch_size}"
+        ${python} -m speechclip_plus.bin.embed_images --config "${train_config}" ${train_args} \
+            --data_dir "data/${dset}" --out_dir "${cache_dir}/${dset}" --batch_size "${image_batch_size}" \
+            --nj "${nj}" "${tool_skip_bad[@]}"
     done
 fi
 
@@ -172,6 +250,7 @@ if run_stage 3; then
 fi
 
 if ! "${skip_train}" && run_stage 4; then
+    find_cache_dir
     log "Stage 4: training: ${train_config} ${train_args} -> ${exp}"
     # shellcheck disable=SC2206
     train_cmd=(${python} -m speechclip_plus.bin.train --config "${train_config}"
@@ -188,6 +267,7 @@ if ! "${skip_train}" && run_stage 4; then
 fi
 
 if ! "${skip_eval}" && run_stage 5; then
+    find_cache_dir
     log "Stage 5: scoring ${exp} on: ${test_sets} -> ${exp}/<set>/, ${exp}/RESULTS.md"
     for dset in ${test_sets}; do
         # shellcheck disable=SC2086
@@ -199,7 +279,8 @@ fi
 
 if ! "${skip_eval}" && run_stage 6; then
     log "Stage 6: export -> ${exp}/model.pt"
+    # shellcheck disable=SC2086
     done_or_run "${exp}/.export.done" ${python} -m speechclip_plus.bin.export --exp_dir "${exp}" --out "${exp}/model.pt"
 fi
 
-log "Finished (${cmdline}) in ${SECONDS} s"
+log "Finished ($0 ${run_options}) in ${SECONDS} s"

@@ -13,7 +13,7 @@ stop_stage=6       # last engine stage
 variants="hplus"   # runs to train: names from conf/arms.txt (the five variants and the study's controls)
 seeds="1"          # training seeds; several give mean +- spread in RESULTS.md
 size=full          # full (about 1000 images x 5 captions) | ci (reduced, for tests)
-python=python3     # interpreter with speechclip_plus installed
+python=""          # interpreter; empty: the one ../TEMPLATE/path.sh finds (active env, ../../.venv)
 nj=2               # data-preparation jobs
 train_args=""      # extra training overrides for every variant
 check_bars=auto    # true: exit 1 when a quality bar of RESULTS.md is missed; auto: true for --size full
@@ -28,6 +28,8 @@ EOF
 )
 # shellcheck disable=SC1091
 . ../../utils/parse_options.sh
+# shellcheck disable=SC1091
+. ../TEMPLATE/path.sh
 
 case "${size}" in
     full)

@@ -1,25 +1,42 @@
 """Stage 2: frozen CLIP image embeddings of the images of one or more data dirs, computed once.
 
     python -m speechclip_plus.bin.embed_images --data_dir data/train [--data_dir ...] --out_dir DIR \
-        [--config conf/x.yaml [--model.clip.name ...]] [--clip_name ViT-B-32 --clip_pretrained openai]
+        [--config conf/x.yaml [--model.clip.name ...]] [--clip_name ViT-B-32 --clip_pretrained openai] \
+        [--skip_bad [--nj N]]
 
 Embeds the union of the data dirs' img.scp (an image id shared by two dirs must have the same path) into
 <out_dir>/img_embed.{ark,scp} (kaldiio, float32, L2-normalised). The CLIP model is --clip_name /
 --clip_pretrained, else model.clip.{name,pretrained} of the config (with dotted overrides), else the config
-defaults. --clip_pretrained none = random weights (tests only). Skipped when the scp already lists exactly
-these images, unless --overwrite.
+defaults. --clip_pretrained none = random weights (tests only).
+
+The cache is keyed by what it holds (``data.cache_key``): <out_dir>/cache_key.json records the CLIP key
+(architecture or model-config content, weights tag or sha256 of the weights file, quick_gelu, open_clip
+version) and the image list (ids, paths, sizes, mtimes). A later run with the same key reuses the cache and
+says so; any difference (other weights under the same file name included) recomputes it. --overwrite
+recomputes anyway.
+
+A missing or undecodable image stops the stage (exit 1, nothing written) with the first ten listed and their
+count. With --skip_bad every image is first checked (``data.corpus.check_images``, in --nj processes) and the
+utterances of the bad ones are removed from their data dirs instead: the data-dir files are backed up in
+<data_dir>/.backup[.N]/ and each utterance is listed with its reason in <data_dir>/excluded.txt (as stage 1
+does for bad audio).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from speechclip_plus.config import ConfigError, load_config
-from speechclip_plus.data.datadir import DataDir, DataError, parse_entries, read_kv
-from speechclip_plus.data.image_cache import SCP_NAME, compute_image_embeddings
+from speechclip_plus.data.cache_key import clip_key, image_list_key
+from speechclip_plus.data.datadir import MAX_SHOWN, DataDir, DataError, parse_entries, read_kv, remove_utterances
+from speechclip_plus.io import atomic_write_text
+
+SCP_NAME = "img_embed.scp"  # as data.image_cache.SCP_NAME (not imported here: that module loads torch)
+KEY_NAME = "cache_key.json"
 
 
 def _up_to_date(scp: str, ids) -> bool:
@@ -32,6 +49,19 @@ def _up_to_date(scp: str, ids) -> bool:
         return False
     arks = {v.rsplit(":", 1)[0] for v in entries.values()}
     return set(entries) == set(ids) and all(os.path.isfile(a) for a in arks)
+
+
+def _saved_key(out_dir: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(os.path.join(out_dir, KEY_NAME), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_weights(key: Dict[str, Any]) -> str:
+    w = key["clip"]["weights"]
+    return f"{w[:7 + 16]}..." if w.startswith("sha256:") else w
 
 
 def gather_images(data_dirs: List[str]) -> Dict[str, str]:
@@ -58,6 +88,27 @@ def image_labels(data_dirs: List[str]) -> Dict[str, str]:
     return labels
 
 
+def exclude_bad_images(data_dirs: List[str], nj: int = 1) -> int:
+    """``--skip_bad``: check every image of the dirs; remove the utterances of the bad ones from their dirs
+    (backup + ``excluded.txt``, ``datadir.remove_utterances``). Returns the number of bad images."""
+    from speechclip_plus.data.corpus import check_images
+
+    bad = check_images(gather_images(data_dirs), nj)
+    if not bad:
+        return 0
+    labels = image_labels(data_dirs)
+    for d in data_dirs:
+        dd = DataDir(d)
+        reasons = {u: f"{labels[i]}: {i}: {bad[i]}" for u, i in dd.utt2img.items() if i in bad}
+        if reasons:
+            done = remove_utterances(d, reasons)
+            for reason in sorted(set(reasons.values()))[:MAX_SHOWN]:
+                logging.warning("excluded: %s", reason)
+            logging.warning("%s: %d utterance(s) of %d bad image(s) excluded (listed in %s; original files in %s)",
+                            d, len(reasons), len(set(reasons.values())), done["excluded"], done["backup"])
+    return len(bad)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", action="append", required=True, help="data dir with img.scp (repeatable)")
@@ -69,6 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
     parser.add_argument("--overwrite", action="store_true", help="recompute even if the cache is complete")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="exclude the utterances of missing or undecodable images (listed in "
+                             "<data_dir>/excluded.txt) instead of failing")
+    parser.add_argument("--nj", type=int, default=1, help="processes for the image check of --skip_bad")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("--") and not o.lstrip("-").split("=")[0].count(".")]
     if bad:
@@ -83,19 +138,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         if pretrained is not None and pretrained.lower() in ("none", "null", ""):
             pretrained = None
         images = gather_images(args.data_dir)
-        if not args.overwrite and _up_to_date(os.path.join(args.out_dir, SCP_NAME), images):
-            logging.info("%d image embedding(s) already in %s: skipped", len(images), args.out_dir)
+        key = {"clip": clip_key(name, pretrained, clip_cfg["quick_gelu"]), "images": image_list_key(images)}
+        scp = os.path.join(args.out_dir, SCP_NAME)
+        saved = _saved_key(args.out_dir)
+        if not args.overwrite and saved == key and _up_to_date(scp, images):
+            logging.info("reusing %s (same CLIP weights %s, same %d images)", args.out_dir, _describe_weights(key),
+                         len(images))
             return 0
+        if args.skip_bad and exclude_bad_images(args.data_dir, args.nj):
+            images = gather_images(args.data_dir)
+            key["images"] = image_list_key(images)
+        if saved is not None and saved != key:
+            changed = [part for part in ("clip", "images") if saved.get(part) != key[part]]
+            logging.info("recomputing %s: its %s changed", args.out_dir,
+                         " and ".join({"clip": "CLIP", "images": "image list"}[p] for p in changed))
         import torch
 
+        from speechclip_plus.data.image_cache import compute_image_embeddings
         from speechclip_plus.models.clip import FrozenCLIP
 
-        clip = FrozenCLIP(name, pretrained).to(torch.device(args.device))
+        clip = FrozenCLIP(name, pretrained, quick_gelu=clip_cfg["quick_gelu"]).to(torch.device(args.device))
         logging.info("CLIP %s (weights: %s) on %d image(s) of %s", name, pretrained or "random", len(images),
                      " ".join(args.data_dir))
+        key_path = os.path.join(args.out_dir, KEY_NAME)
+        if os.path.exists(key_path):  # the key goes first, so a key never describes other embeddings
+            os.remove(key_path)
         compute_image_embeddings(images, lambda x: clip.encode_image(x).float().cpu(), clip.preprocess,
                                  args.out_dir, batch_size=args.batch_size, progress=not args.no_progress,
                                  labels=image_labels(args.data_dir))
+        atomic_write_text(key_path, json.dumps(key, indent=1, sort_keys=True) + "\n")
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

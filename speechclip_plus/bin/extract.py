@@ -1,6 +1,7 @@
 """Extract speech embeddings of a data dir to a kaldiio ark/scp pair.
 
-    python -m speechclip_plus.bin.extract (--model model.pt | --exp_dir exp/<tag> [--checkpoint best]) \\
+    python -m speechclip_plus.bin.extract (--model model.pt|hf://ORG/NAME[@REV] | --exp_dir exp/<tag> \\
+        [--checkpoint best]) \\
         --data_dir data/test --out_dir <dir> [--branch parallel|cascaded|combined|hidden] [--layer -1]
 
 Utterance branches (parallel, cascaded, combined = normalize(parallel + cascaded); default: the model's
@@ -90,7 +91,7 @@ def extract(model, data_dir: str, branch: str, layer: int = -1, batch_size: int 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model file from speechclip_plus.bin.export")
+    src.add_argument("--model", help="model file (bin.export / bin.import_reference) or hf://ORG/NAME[@REVISION]")
     src.add_argument("--exp_dir", help="experiment dir (uses --checkpoint)")
     parser.add_argument("--checkpoint", default="best", help="with --exp_dir: best | last | path")
     parser.add_argument("--data_dir", required=True, help="Kaldi data dir")
@@ -100,21 +101,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--layer", type=int, default=-1, help="hidden state index for --branch hidden")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--batched_upstream", action="store_true", help="run the upstream on padded batches")
+    parser.add_argument("--batched_upstream", action="store_true",
+                        help="run the upstream on padded batches even when it is not batch-invariant "
+                             "(faster; default: only when it is)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (extract) %(levelname)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..api import ModelFileError, load_exp_dir, load_model_file
+    from ..api import ModelFileError, load_any, load_exp_dir
     from ..data.datadir import DataError
 
     try:
-        model, _, _ = load_model_file(args.model) if args.model else load_exp_dir(args.exp_dir, args.checkpoint)
+        model, _, _ = load_any(args.model) if args.model else load_exp_dir(args.exp_dir, args.checkpoint)
         branch = args.branch or model.retrieval_branch
         available = list(model.branches) + (["combined"] if len(model.branches) == 2 else []) + ["hidden"]
         if branch not in available:
             raise ValueError(f"--branch {branch}: variant '{model.variant}' offers {', '.join(available)}")
-        model.upstream.per_utterance = not args.batched_upstream
+        model.upstream.per_utterance = False if args.batched_upstream else "auto"
         model.to(args.device)
         scp, n = write_ark_scp(args.out_dir, extract(model, args.data_dir, branch, args.layer, args.batch_size,
                                                      args.device, not args.no_progress))

@@ -1,34 +1,31 @@
-"""Print a resolved config, one key of it, or the tag naming its CLIP image-embedding cache.
+"""Print a resolved config, one key of it, or the folder name of its CLIP image-embedding cache.
 
     python -m speechclip_plus.bin.show_config --config conf/x.yaml [--key model.clip.name] [--clip_tag] [overrides]
 """
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from typing import List, Optional
 
 from ..config import ConfigError, dump_config, load_config
+from ..data.datadir import DataError
 
 
 def clip_tag(cfg) -> str:
-    """``clip_<arch>_<weights>``: names the image-embedding cache shared by experiments with the same CLIP."""
+    """The image-embedding cache folder of the config's CLIP, keyed by its content (``data.cache_key``)."""
+    from ..data.cache_key import clip_tag as tag
+
     clip = cfg["model"]["clip"]
-    arch = os.path.splitext(os.path.basename(clip["name"]))[0]
-    pre = clip["pretrained"]
-    weights = "random" if pre is None else (os.path.splitext(os.path.basename(pre))[0] if os.sep in pre or "." in pre else pre)
-    if pre is not None and os.sep in pre:
-        weights = os.path.basename(os.path.dirname(os.path.abspath(pre))) + "-" + weights
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", f"clip_{arch}_{weights}")
+    return tag(clip["name"], clip["pretrained"], clip["quick_gelu"])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config")
     parser.add_argument("--key", help="print only this dotted key")
-    parser.add_argument("--clip_tag", action="store_true", help="print the image-embedding cache tag")
+    parser.add_argument("--clip_tag", action="store_true",
+                        help="print the image-embedding cache folder name (keyed by the CLIP config and weights)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -36,7 +33,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.clip_tag:
-        print(clip_tag(cfg))
+        try:
+            print(clip_tag(cfg))
+        except DataError as e:
+            print(f"error: {args.config}: {e}", file=sys.stderr)
+            return 2
     elif args.key:
         node = cfg
         for part in args.key.split("."):

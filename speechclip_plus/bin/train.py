@@ -8,6 +8,8 @@
         [--ngpu N | --nproc N] [--num_nodes M --node_rank K --master_addr HOST --master_port PORT] \\
         [--train.lr 1e-4 --model.cif.threshold 0.9 ...]
 
+Before training it warns when train.select_metric is a recall that the valid set cannot move (R@k is 1 for
+any model when the set has k images or fewer: eval.retrieval.selection_warning).
 Writes <exp_dir>/config.yaml (resolved, with the data paths), train.log (train.rank<k>.log per rank when
 distributed), tensorboard/, checkpoints/{last,best,step-N}.pt + metrics.jsonl, and run.sh (resumes the run).
 Several processes: --ngpu N (GPUs, NCCL) or --nproc N (CPU processes, gloo) re-launch this command under
@@ -160,6 +162,28 @@ def dry_run(cfg: dict) -> None:
     print("dry run: OK")
 
 
+def warn_small_valid_set(cfg: dict) -> Optional[str]:
+    """Print (stderr) and return ``eval.retrieval.selection_warning`` for the valid set: the recall chosen by
+    ``train.select_metric`` is 1 for any model when the set has too few images."""
+    valid = cfg["train"]["valid_data"]
+    if not valid:
+        return None
+    from ..data.datadir import DataDir, DataError
+    from ..eval.retrieval import selection_warning
+
+    try:
+        utt2img = DataDir(valid).utt2img
+    except DataError:
+        return None  # the trainer reports the data dir's problem
+    if not utt2img:
+        return None
+    row = {img: k for k, img in enumerate(sorted(set(utt2img.values())))}
+    warning = selection_warning([row[img] for img in utt2img.values()], cfg["train"]["select_metric"], valid)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return warning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, args, overrides = parse_args(argv)
@@ -182,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   "(use --ngpu 0 or --nproc N to train on CPU)")
         under_torchrun = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
         if (nproc > 1 or args.num_nodes > 1) and not under_torchrun:
-            return relaunch(args, argv, nproc, device)
+            return relaunch(args, argv, nproc, device, cfg)
         if not under_torchrun or int(os.environ.get("RANK", "0")) == 0:
             if os.environ.get(_CHILD_ENV) != "1":
                 launch = [] if device == "auto" else ["--device", device]
@@ -196,10 +220,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         print(f"error: cannot write to the experiment dir {args.exp_dir}: {e}", file=sys.stderr)
         return 3
+    if os.environ.get(_CHILD_ENV) != "1" and os.environ.get("RANK", "0") == "0":
+        warn_small_valid_set(cfg)
     return train(cfg, args.exp_dir, device, args.resume, progress=not args.no_progress)
 
 
-def relaunch(args, argv: Sequence[str], nproc: int, device: str) -> int:
+def relaunch(args, argv: Sequence[str], nproc: int, device: str, cfg: Optional[dict] = None) -> int:
     """Run this command under torchrun with ``nproc`` processes per node; returns torchrun's exit status."""
     from ..train.distributed import torchrun_command
 
@@ -215,6 +241,8 @@ def relaunch(args, argv: Sequence[str], nproc: int, device: str) -> int:
     if args.node_rank == 0:
         os.makedirs(args.exp_dir, exist_ok=True)
         write_run_sh(args.exp_dir, launch)
+        if cfg is not None:
+            warn_small_valid_set(cfg)
     child_args = _strip_launch_args(argv) + ["--device", device]
     cmd = torchrun_command(child_args, nproc, args.num_nodes, args.node_rank, args.master_addr, port)
     env = dict(os.environ, **{_CHILD_ENV: "1"})

@@ -1,5 +1,6 @@
-"""Data layer: Kaldi-style data dirs, audio loading/formatting, the speech-image dataset and its batch
-sampler, the CLIP image-embedding cache and the vocabulary tools. Knows nothing of the models.
+"""Data layer: Kaldi-style data dirs, the stage-0 corpus writer, audio loading/formatting, the speech-image
+dataset and its batch sampler, the CLIP image-embedding cache and the vocabulary tools. Knows nothing of the
+models.
 
 Names are imported lazily (PEP 562) so that ``import speechclip_plus.data`` stays cheap and
 ``python -m speechclip_plus.data.datadir`` runs without a double import.
@@ -21,6 +22,8 @@ _EXPORTS = {
     "combine_data_dirs": "datadir",
     "fix_data_dir": "datadir",
     "spk2utt_from_utt2spk": "datadir",
+    "CorpusWriter": "corpus",
+    "CorpusFaults": "corpus",
     "load_audio": "audio",
     "format_audio": "audio",
     "SpeechImageDataset": "dataset",

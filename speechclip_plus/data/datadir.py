@@ -20,9 +20,10 @@ Errors name ``file:line: key: what is wrong``. Lines ending in CR LF are accepte
 warning logged). ``python -m speechclip_plus.data.datadir {subset,combine,fix} ...`` is the command line of
 the ``utils/*_data_dir.sh`` wrappers.
 
-Tools that drop utterances from a data dir in place (``fix_data_dir``, ``format_audio(skip_bad=True)``) first
-copy its files to a fresh ``<dir>/.backup[.N]/`` (``backup_data_dir``) and list every dropped utterance with
-its reason in ``<dir>/excluded.txt`` (``<utt> <reason>``, merged over runs; ``add_excluded``).
+Tools that drop utterances from a data dir in place (``fix_data_dir``, ``format_audio(skip_bad=True)``,
+``embed_images --skip_bad``) first copy its files to a fresh ``<dir>/.backup[.N]/`` (``backup_data_dir``) and
+list every dropped utterance with its reason in ``<dir>/excluded.txt`` (``<item> <reason>``, merged over runs;
+``add_excluded``, also the writer of stage 0's lists, ``data.corpus``).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from speechclip_plus.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2img", "img.scp")
-EXCLUDED_FILE = "excluded.txt"  # utterances dropped by fix / format_audio --skip_bad, with the reason
+EXCLUDED_FILE = "excluded.txt"  # items left out by --skip_bad (stages 0-2) or --fix_dir, with the reason
 OPTIONAL_FILES = ("utt2dur",)
 UTT_FILES = ("wav.scp", "text", "utt2spk", "utt2img", "utt2dur")  # keyed by utterance
 MAX_SHOWN = 10
@@ -240,14 +241,23 @@ def _check_path(f: str, lineno: int, key: str, path: str, check_files: bool) -> 
 
 
 def image_problem(path: str) -> Optional[str]:
-    """Why ``path`` is not a usable image (missing, or PIL cannot fully decode it), or None."""
+    """Why ``path`` is not a usable image (missing, or Pillow cannot decode it), or None.
+
+    Pillow's ``verify()`` (structure and checksums, e.g. PNG chunk CRCs), then a decode of the pixel data: a
+    JPEG in Pillow's draft mode at 1/8 scale (libjpeg still reads every coefficient, so a truncated or broken
+    stream fails as in a full decode, in about half the time), other formats in full.
+    """
     if not os.path.isfile(path):
         return f"file not found: {path}"
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im.load()  # a full decode: truncated files fail here, not only at Image.open
+            im.verify()
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()  # truncated files fail here, not at Image.open
     except Exception as e:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ... by format
         return f"cannot decode {path} ({type(e).__name__}: {e})"
     return None
@@ -508,8 +518,9 @@ def read_excluded(path: Union[str, os.PathLike]) -> Dict[str, str]:
 
 
 def add_excluded(path: Union[str, os.PathLike], reasons: Mapping[str, str]) -> str:
-    """Merge ``{utt: reason}`` into ``<path>/excluded.txt`` (one ``<utt> <reason>`` line each, sorted,
-    written atomically; an utterance already listed keeps its first reason). Returns the file path."""
+    """Merge ``{item: reason}`` into ``<path>/excluded.txt`` (one ``<item> <reason>`` line each, sorted,
+    written atomically; an item already listed keeps its first reason). An item is an utterance id, or for
+    stage 0 an image id or the corpus's own name of what was left out. Returns the file path."""
     merged = read_excluded(path)
     for utt, reason in reasons.items():
         merged.setdefault(utt, " ".join(str(reason).split()) or "excluded")

@@ -1,10 +1,12 @@
-"""Length-bucketed, resumable, distributed batch sampler.
+"""Resumable, distributed batch sampler, length-bucketed or uniformly shuffled.
 
 Global batches (what one optimiser step sees over all R = ``num_replicas`` ranks) are built per epoch:
 
-1. order the utterances by duration (stable); with ``shuffle``, cut that order into buckets of
-   ``bucket_batches`` x G utterances (G = ``batch_size`` x R), shuffle inside each bucket and shuffle the
-   bucket order, with ``numpy.random.default_rng(seed + epoch)``;
+1. ``bucketing=False``: the utterances in a uniform random order (``shuffle``; the reference's
+   ``DataLoader(shuffle=True)``) or in index order. ``bucketing=True``: order the utterances by duration
+   (stable); with ``shuffle``, cut that order into buckets of ``bucket_batches`` x G utterances
+   (G = ``batch_size`` x R), shuffle inside each bucket and shuffle the bucket order. Randomness comes from
+   ``numpy.random.default_rng(seed + epoch)``;
 2. walk the sequence greedily: a batch takes utterances while n <= G and, if ``max_batch_seconds`` = S is
    given, padded seconds n x max(duration) <= S x R; a full batch is cut to a multiple of R (the rest
    starts the next one). A batch of exactly R utterances may exceed S (one utterance longer than S per
@@ -46,6 +48,7 @@ class LengthBucketSampler(Sampler):
         num_replicas: int = 1,
         rank: int = 0,
         bucket_batches: int = 50,
+        bucketing: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -68,6 +71,7 @@ class LengthBucketSampler(Sampler):
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.bucket_batches = int(bucket_batches)
+        self.bucketing = bool(bucketing)
         self.epoch = 0
         self._position = 0  # index of the next batch of the current epoch
         self._cache: Optional[tuple] = None
@@ -82,12 +86,15 @@ class LengthBucketSampler(Sampler):
         G = self.batch_size * R
         S = None if self.max_batch_seconds is None else float(self.max_batch_seconds) * R
         d = self.durations
-        order = np.argsort(d, kind="stable")
         rng = np.random.default_rng(self.seed + epoch) if self.shuffle else None
-        if rng is not None:
-            size = G * self.bucket_batches
-            buckets = [rng.permutation(order[i : i + size]) for i in range(0, len(order), size)]
-            order = np.concatenate([buckets[k] for k in rng.permutation(len(buckets))]) if buckets else order
+        if not self.bucketing:
+            order = rng.permutation(len(d)) if rng is not None else np.arange(len(d))
+        else:
+            order = np.argsort(d, kind="stable")
+            if rng is not None:
+                size = G * self.bucket_batches
+                buckets = [rng.permutation(order[i : i + size]) for i in range(0, len(order), size)]
+                order = np.concatenate([buckets[k] for k in rng.permutation(len(buckets))]) if buckets else order
         seq = order.tolist()
 
         batches: List[List[int]] = []
@@ -165,11 +172,12 @@ class LengthBucketSampler(Sampler):
             "batch_size": self.batch_size,
             "max_batch_seconds": self.max_batch_seconds,
             "num_utts": int(self.durations.size),
+            "bucketing": self.bucketing,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue where ``state`` was saved; the batching settings must match."""
-        for key in ("seed", "num_replicas", "batch_size", "max_batch_seconds", "num_utts"):
+        for key in ("seed", "num_replicas", "batch_size", "max_batch_seconds", "num_utts", "bucketing"):
             mine = self.durations.size if key == "num_utts" else getattr(self, key)
             if key in state and state[key] != mine:
                 raise ValueError(f"sampler state was saved with {key}={state[key]}, this sampler has {mine}: "

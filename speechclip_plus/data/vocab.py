@@ -5,7 +5,9 @@ Usage counts: each caption is normalised (``normalize_caption``), tokenised with
 occurrence is counted, so SOT and EOT count once per caption. A caption longer than the 77-token context is
 an error (never truncated). Tokens are ordered by count descending, then id ascending.
 
-Difference from the reference (reference.md §3.3): it tokenises to fixed 77-token rows and counts the zero
+Difference from the reference (``avssl/data/flickr_stat/stat_textCLIP_input.py`` of atosystem/SpeechCLIP and
+ShampooWang/SpeechCLIP_plus, which made ``text_clip_vocab_usage_byfreq.npy``): it tokenises to fixed 77-token
+rows and counts the zero
 padding too, which puts pad id 0 (the token "!") first with a huge count. Padding is not text, so it is not
 counted here; id 0 appears only if "!" occurs in a caption. The keyword quantiser masks pad/SOT/EOT by id,
 so the file order does not matter to it.
@@ -105,12 +107,14 @@ def train_spm(
     model_prefix: Union[str, os.PathLike],
     vocab_size: int,
     model_type: str = "bpe",
+    hard_limit: bool = True,
 ) -> str:
     """Train sentencepiece on the normalised captions; writes ``<prefix>.model`` and ``<prefix>.vocab``.
 
     Training happens under a temporary prefix in the destination directory and both files are renamed
-    when it succeeds. ``vocab_size`` is exact: too large for the text is a ``DataError``. Returns the
-    ``.model`` path.
+    when it succeeds. ``hard_limit``: ``vocab_size`` is exact, too large for the text is a ``DataError``;
+    else it is a maximum (sentencepiece's ``hard_vocab_limit=false``: the model has as many pieces as the
+    text yields, at most ``vocab_size``). Returns the ``.model`` path.
     """
     import sentencepiece as spm
 
@@ -135,6 +139,7 @@ def train_spm(
                 model_type=model_type,
                 character_coverage=1.0,
                 num_threads=1,
+                hard_vocab_limit=bool(hard_limit),
                 input_sentence_size=2_000_000,
                 shuffle_input_sentence=True,
                 minloglevel=2,

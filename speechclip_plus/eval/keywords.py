@@ -3,37 +3,64 @@
 The published keyword metrics were never released, so **these definitions are ours**.
 
 An utterance's keywords are the CLIP token ids (original, not reduced-vocabulary ids) that the quantiser picks
-for its K keyword slots: K = 8 for the fixed-CLS branch (``c``), K = K_b, the CIF count, for ``c+``. They are
-compared with the CLIP BPE tokenisation of the utterance's transcription, with SOT, EOT and padding excluded.
-Token strings are CLIP vocabulary entries, where a word-final token ends with ``</w>`` (``dog</w>``).
-Counts are pooled over utterances unless a metric says "mean over utterances".
+for its K keyword slots, k_1 .. k_K: K = 8 for the fixed-CLS branch (``c``), K = K_b, the CIF count, for ``c+``.
+They are compared with the CLIP BPE tokenisation of the utterance's transcription, t_1 .. t_T, with SOT, EOT and
+padding excluded. Token strings are CLIP vocabulary entries, where a word-final token ends with ``</w>``
+(``dog</w>``); a *whole-word keyword* is one whose token ends with ``</w>``, and its word is the token without
+``</w>``. W is the set of the transcription's normalised words (``normalize_words``).
 
-- ``subword_hit_rate``: share of all keywords whose token id occurs among the transcription's token ids.
-- ``subword_hit_rate_at5``: share of all keywords for which any of the keyword's 5 nearest tokens (given by the
-  caller, usually by cosine to the keyword vector) occurs among the transcription's token ids. Reported only
-  when every utterance comes with neighbours.
-- ``word_hit_rate``: share of all keywords whose token is a whole word (ends with ``</w>``) and whose text
-  without ``</w>`` equals a word of the normalised transcription (see ``normalize_words``).
-- ``word_token_rate``: share of all keywords whose token is a whole word (the ceiling of ``word_hit_rate``).
-- ``duplicate_rate``: mean over utterances of ``1 - distinct(keywords) / K``; utterances with K = 0 are left
-  out of this mean.
-- ``mean_keywords``: mean K; ``mean_text_tokens``: mean transcription token count.
+Pooled over all keywords of all utterances (denominator: the number of keywords, sum of K):
+- ``subword_hit_rate``: keywords whose token id occurs among the transcription's token ids.
+- ``subword_hit_rate_at5``: keywords for which any of their 5 nearest tokens (given by the caller, usually by
+  cosine to the keyword vector) occurs among the transcription's token ids. Reported only when every
+  utterance comes with neighbours.
+- ``word_hit_rate``: whole-word keywords whose word is in W.
+- ``word_token_rate``: whole-word keywords (the ceiling of ``word_hit_rate``).
+- ``adjacent_repeat_rate``: keywords k_j, j >= 2, equal to k_(j-1) (the CIF failure of firing one token
+  several times in a row). The denominator is every keyword, not every adjacent pair, so it reads on the same
+  pool as the hit rates ("a third of the keywords repeat the previous one"); the first keyword of an
+  utterance is never a repeat, so an utterance reaches at most (K - 1) / K.
+
+Means over utterances, each over the utterances where it is defined (the others are left out of that mean):
+- ``subword_hit_rate_utt``, ``word_hit_rate_utt``: an utterance's subword / word hits over its K; K >= 1.
+- ``duplicate_rate``: 1 - distinct(k) / K; K >= 1.
+- ``text_duplicate_rate``: 1 - distinct(t) / T, the same rate on the transcription's own tokens (captions
+  repeat "a", "the"); K >= 1 and T >= 1.
+- ``excess_duplicate_rate``: keyword minus transcription duplicate rate of each utterance; K >= 1 and T >= 1,
+  so it equals ``duplicate_rate - text_duplicate_rate`` unless an utterance with keywords has an empty
+  transcription. Keywords that are exactly the transcription's tokens score 0; it is negative when the
+  keywords repeat less than the caption (8 distinct keywords for a 12-token caption that repeats "a").
+- ``coverage``: |distinct(k) ∩ distinct(t)| / |distinct(t)|, the share of the transcription's distinct tokens
+  that some keyword equals; T >= 1 (an utterance with K = 0 covers 0).
+- ``word_coverage``: the share of W that is the word of some whole-word keyword; W not empty.
+- ``mean_keywords``: mean K; ``mean_text_tokens``: mean T (all utterances).
 - ``mean_target`` and ``count_error`` (mean ``|K - target|``): when every utterance has a target count (CIF).
 - ``n_utterances``, ``n_keywords``: the sizes behind these numbers.
 
-Rates are fractions in [0, 1]; a rate over zero keywords is NaN.
+``by_k``: the same metrics (with their ``n_utterances`` and ``n_keywords``) over the utterances whose K falls in
+each bin of ``K_BINS``: "0", "1-4", "5-8", "9-12", "13-16", "17+"; only bins holding utterances appear. Bins of
+4 put ``c``'s fixed K = 8 at the top of "5-8", so ``c+`` utterances with up to 8 keywords compare with ``c``
+directly, and the higher bins show how a metric moves as CIF emits more keywords; "0" keeps the utterances on
+which CIF fired nothing visible.
+
+Rates are fractions in [0, 1] (``excess_duplicate_rate`` in [-1, 1]); a rate with an empty denominator (no
+keywords, no utterance where it is defined) is NaN.
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 WORD_END = "</w>"
 _WORD_RE = re.compile(r"[^\W\d_]+|\d")
 
 TokenLookup = Union[Mapping[int, str], Callable[[int], str]]
+
+# (label, lowest K, highest K or None for no limit); see the module docstring for the choice
+K_BINS: Tuple[Tuple[str, int, Optional[int]], ...] = (
+    ("0", 0, 0), ("1-4", 1, 4), ("5-8", 5, 8), ("9-12", 9, 12), ("13-16", 13, 16), ("17+", 17, None))
 
 
 def normalize_words(text: str) -> List[str]:
@@ -91,9 +118,104 @@ def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def k_bin(k: int) -> str:
+    """The label of the ``K_BINS`` bin holding keyword count ``k`` (>= 0)."""
+    for label, lo, hi in K_BINS:
+        if k >= lo and (hi is None or k <= hi):
+            return label
+    raise ValueError(f"keyword count must be >= 0, got {k}")
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """What one utterance contributes to every metric (names as in the module docstring)."""
+
+    k: int
+    n_text: int  # T
+    distinct: int  # distinct keywords
+    text_distinct: int  # distinct transcription tokens
+    subword_hits: int
+    neighbour_hits: int
+    word_tokens: int
+    word_hits: int
+    adjacent_repeats: int
+    covered_tokens: int  # distinct transcription tokens that some keyword equals
+    words: int  # |W|
+    covered_words: int  # words of W that some whole-word keyword equals
+    target: Optional[float]
+
+
+def _count(r: KeywordRecord, where: str, name: Callable[[int], str], n_neighbors: int) -> _Counts:
+    kws = [int(k) for k in r.keywords]
+    text_ids = [int(t) for t in r.text_tokens]
+    text = set(text_ids)
+    words = set(normalize_words(" ".join(r.words)))
+    kw_words = set()
+    word_tokens = word_hits = 0
+    for kw in kws:
+        try:
+            tok = name(kw)
+        except KeyError as e:
+            raise KeyError(f"{where}: {e.args[0]}") from None
+        if tok.endswith(WORD_END):
+            word = tok[: -len(WORD_END)]
+            kw_words.add(word)
+            word_tokens += 1
+            word_hits += word in words
+    nb_hits = 0
+    if r.neighbors is not None:
+        if len(r.neighbors) != len(kws):
+            raise ValueError(f"{where}: {len(r.neighbors)} neighbour lists for {len(kws)} keywords")
+        for j, nb in enumerate(r.neighbors):
+            if len(nb) < n_neighbors:
+                raise ValueError(f"{where}: keyword {j} has {len(nb)} neighbours, need {n_neighbors}")
+            nb_hits += any(int(t) in text for t in list(nb)[:n_neighbors])
+    return _Counts(k=len(kws), n_text=len(text_ids), distinct=len(set(kws)), text_distinct=len(text),
+                   subword_hits=sum(kw in text for kw in kws), neighbour_hits=nb_hits, word_tokens=word_tokens,
+                   word_hits=word_hits, adjacent_repeats=sum(a == b for a, b in zip(kws, kws[1:])),
+                   covered_tokens=len(text.intersection(kws)), words=len(words),
+                   covered_words=len(words & kw_words), target=None if r.target is None else float(r.target))
+
+
+def _aggregate(counts: Sequence[_Counts], hit_at: Optional[str], with_target: bool) -> Dict[str, float]:
+    """The metrics of the module docstring over ``counts`` (``hit_at``: the hit@n key, None without
+    neighbours)."""
+    n_kw = sum(c.k for c in counts)
+
+    def pooled(attr: str) -> float:
+        return sum(getattr(c, attr) for c in counts) / n_kw if n_kw else math.nan
+
+    def dup(distinct: int, n: int) -> float:
+        return 1.0 - distinct / n
+
+    spoken = [c for c in counts if c.k]  # K >= 1
+    paired = [c for c in spoken if c.n_text]  # K >= 1 and T >= 1
+    out: Dict[str, float] = {"n_utterances": len(counts), "n_keywords": n_kw,
+                             "subword_hit_rate": pooled("subword_hits")}
+    if hit_at is not None:
+        out[hit_at] = pooled("neighbour_hits")
+    out.update(word_hit_rate=pooled("word_hits"), word_token_rate=pooled("word_tokens"),
+               duplicate_rate=_mean([dup(c.distinct, c.k) for c in spoken]),
+               mean_keywords=_mean([c.k for c in counts]), mean_text_tokens=_mean([c.n_text for c in counts]))
+    if with_target:
+        out.update(mean_target=_mean([c.target for c in counts]),
+                   count_error=_mean([abs(c.k - c.target) for c in counts]))
+    out.update(
+        text_duplicate_rate=_mean([dup(c.text_distinct, c.n_text) for c in paired]),
+        excess_duplicate_rate=_mean([dup(c.distinct, c.k) - dup(c.text_distinct, c.n_text) for c in paired]),
+        coverage=_mean([c.covered_tokens / c.text_distinct for c in counts if c.n_text]),
+        word_coverage=_mean([c.covered_words / c.words for c in counts if c.words]),
+        adjacent_repeat_rate=pooled("adjacent_repeats"),
+        subword_hit_rate_utt=_mean([c.subword_hits / c.k for c in spoken]),
+        word_hit_rate_utt=_mean([c.word_hits / c.k for c in spoken]),
+    )
+    return out
+
+
 def keyword_metrics(records: Iterable[Union[KeywordRecord, Mapping[str, Any]]], id_to_token: TokenLookup,
-                    n_neighbors: int = 5) -> Dict[str, float]:
-    """Keyword metrics over ``records`` (one per utterance), as defined in the module docstring.
+                    n_neighbors: int = 5) -> Dict[str, Any]:
+    """Keyword metrics over ``records`` (one per utterance), as defined in the module docstring, with their
+    ``by_k`` breakdown.
 
     ``id_to_token`` maps a CLIP token id to its vocabulary string (a dict or a function). ``n_neighbors``: how
     many of each keyword's neighbours count for the hit@n rate (key ``subword_hit_rate_at{n}``).
@@ -109,48 +231,12 @@ def keyword_metrics(records: Iterable[Union[KeywordRecord, Mapping[str, Any]]], 
             i = flags.index(False)
             raise ValueError(f"record {i} ({recs[i].utt or 'no id'}): has no {what} but other records do; "
                              f"give {what} for all records or none")
-
-    n_kw = sub_hits = nb_hits = word_hits = word_tokens = 0
-    dup, n_keys, n_text, count_err, targets = [], [], [], [], []
-    for i, r in enumerate(recs):
-        where = f"record {i} ({r.utt or 'no id'})"
-        kws = [int(k) for k in r.keywords]
-        text = {int(t) for t in r.text_tokens}
-        words = set(normalize_words(" ".join(r.words)))
-        k = len(kws)
-        n_kw += k
-        n_keys.append(k)
-        n_text.append(len(r.text_tokens))
-        if k:
-            dup.append(1.0 - len(set(kws)) / k)
-        sub_hits += sum(kw in text for kw in kws)
-        for kw in kws:
-            try:
-                tok = name(kw)
-            except KeyError as e:
-                raise KeyError(f"{where}: {e.args[0]}") from None
-            if tok.endswith(WORD_END):
-                word_tokens += 1
-                word_hits += tok[: -len(WORD_END)] in words
-        if r.neighbors is not None:
-            if len(r.neighbors) != k:
-                raise ValueError(f"{where}: {len(r.neighbors)} neighbour lists for {k} keywords")
-            for j, nb in enumerate(r.neighbors):
-                if len(nb) < n_neighbors:
-                    raise ValueError(f"{where}: keyword {j} has {len(nb)} neighbours, need {n_neighbors}")
-                nb_hits += any(int(t) in text for t in list(nb)[:n_neighbors])
-        if r.target is not None:
-            targets.append(float(r.target))
-            count_err.append(abs(k - float(r.target)))
-
-    def rate(hits: int) -> float:
-        return hits / n_kw if n_kw else math.nan
-
-    out: Dict[str, float] = {"n_utterances": len(recs), "n_keywords": n_kw, "subword_hit_rate": rate(sub_hits)}
-    if all(with_nb):
-        out[f"subword_hit_rate_at{n_neighbors}"] = rate(nb_hits)
-    out.update(word_hit_rate=rate(word_hits), word_token_rate=rate(word_tokens), duplicate_rate=_mean(dup),
-               mean_keywords=_mean(n_keys), mean_text_tokens=_mean(n_text))
-    if all(with_target):
-        out.update(mean_target=_mean(targets), count_error=_mean(count_err))
+    counts = [_count(r, f"record {i} ({r.utt or 'no id'})", name, n_neighbors) for i, r in enumerate(recs)]
+    hit_at = f"subword_hit_rate_at{n_neighbors}" if all(with_nb) else None
+    out: Dict[str, Any] = _aggregate(counts, hit_at, all(with_target))
+    out["by_k"] = {}
+    for label, _, _ in K_BINS:
+        members = [c for c in counts if k_bin(c.k) == label]
+        if members:
+            out["by_k"][label] = _aggregate(members, hit_at, all(with_target))
     return out

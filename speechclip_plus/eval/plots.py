@@ -6,19 +6,25 @@ atomically as PNG.
   (or the start) to fire j; a keyword beyond the last fire (the inference-time tail) runs to the end.
 - ``plot_retrieval_examples``: one row per spoken query (its caption above), its top retrieved images left to
   right, the correct one framed green.
+- ``plot_keyword_metrics_by_k``: keyword metrics (``keywords.keyword_metrics``' ``by_k``) against the K bin, one
+  panel per metric in percent and a last panel with the utterances per bin, one line per model (e.g. c and c+).
+- ``plot_text_retrieval_examples``: one block per spoken query (its caption as the heading), its top retrieved
+  texts numbered below, the correct one in bold green.
 
 Output size in pixels is fixed by the arguments (``figsize * dpi``; no tight bounding box).
 """
 from __future__ import annotations
 
+import math
 import textwrap
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from speechclip_plus.eval.keywords import K_BINS
 from speechclip_plus.eval.report import write_with
 
 N_MELS = 80
@@ -149,4 +155,98 @@ def plot_retrieval_examples(path: str, queries: Sequence[Tuple[str, Sequence[Any
                                        linewidth=6, clip_on=False))
         text = textwrap.shorten(str(caption), width=int(18 * cell_inches[0] * ncols), placeholder=" ...")
         axes[r, 0].set_title(text, loc="left", fontsize=9)
+    _save(fig, path, dpi)
+
+
+BY_K_METRICS = (("subword_hit_rate", "subword hit rate"), ("coverage", "coverage"),
+                ("word_coverage", "word coverage"), ("excess_duplicate_rate", "excess duplicates"),
+                ("adjacent_repeat_rate", "adjacent repeats"))
+
+
+def plot_keyword_metrics_by_k(path: str, series: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                              metrics: Sequence[Tuple[str, str]] = BY_K_METRICS, ncols: int = 3,
+                              panel_inches: Tuple[float, float] = (3.5, 2.6), dpi: float = 100) -> None:
+    """Keyword metrics by K bin: ``series`` maps a model label to its ``by_k`` dict (bin label -> metrics with
+    ``n_utterances``). One panel per ``(key, title)`` of ``metrics`` (values in %, y from 0 or the lowest
+    negative value to 100; a missing or NaN value leaves a gap) and one of utterance counts; the x axis holds
+    the bins of any series, in ``K_BINS`` order. The figure is ``panel_inches * (ncols, rows) * dpi`` pixels."""
+    order = [label for label, _, _ in K_BINS]
+    if not series:
+        raise ValueError(f"{path}: no series to plot")
+    for name, by_k in series.items():
+        unknown = [b for b in by_k if b not in order]
+        if unknown:
+            raise ValueError(f"{path}: series {name!r}: unknown K bin(s) {unknown}; bins: {order}")
+    bins = [b for b in order if any(b in by_k for by_k in series.values())]
+    if not bins:
+        raise ValueError(f"{path}: every series is empty")
+    if not metrics or ncols < 1:
+        raise ValueError(f"{path}: need at least one metric and ncols >= 1")
+    panels = list(metrics) + [("n_utterances", "utterances")]
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(panel_inches[0] * ncols, panel_inches[1] * nrows), dpi=dpi)
+    axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.9, hspace=0.55, wspace=0.3)
+    x = np.arange(len(bins))
+    for ax, (key, title) in zip(axes, panels):
+        scale = 1.0 if key == "n_utterances" else 100.0
+        lowest = 0.0
+        for name, by_k in series.items():
+            y = [by_k.get(b, {}).get(key) for b in bins]
+            y = [math.nan if v is None else scale * float(v) for v in y]
+            lowest = min([lowest] + [v for v in y if not math.isnan(v)])
+            ax.plot(x, y, marker="o", label=name)
+        if key == "n_utterances":
+            ax.set_ylim(bottom=0.0)
+        else:  # rates on one scale from 0 (or the lowest negative excess) to 100 %
+            ax.set_ylim(lowest - 5.0 if lowest < 0 else -2.0, 102.0)
+        ax.set_xlim(-0.5, len(bins) - 0.5)
+        ax.set_title(title + ("" if key == "n_utterances" else " (%)"), fontsize=9)
+        ax.set_xticks(x)
+        ax.set_xticklabels(bins, fontsize=8)
+        ax.set_xlabel("K", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    axes[0].legend(fontsize=8)
+    _save(fig, path, dpi)
+
+
+def plot_text_retrieval_examples(path: str, queries: Sequence[Tuple[str, Sequence[str], Optional[int]]],
+                                 title: str = "", width_inches: float = 10.0, line_inches: float = 0.28,
+                                 dpi: float = 100) -> None:
+    """Text retrieval examples: ``queries`` holds ``(caption, top texts, correct index or None)`` per spoken
+    query. The figure is ``width_inches`` wide and ``line_inches`` per text line (+ a heading line per query
+    and one for ``title``) high, times ``dpi`` pixels."""
+    if not queries:
+        raise ValueError(f"{path}: no queries to plot")
+    for r, query in enumerate(queries):
+        if len(query) != 3:
+            raise ValueError(f"{path}: query {r} must be (caption, texts, correct index or None)")
+        if not query[1]:
+            raise ValueError(f"{path}: query {r} has no texts")
+        if query[2] is not None and not 0 <= int(query[2]) < len(query[1]):
+            raise ValueError(f"{path}: query {r}: correct index {query[2]} outside 0..{len(query[1]) - 1}")
+    n_lines = sum(1 + len(q[1]) for q in queries) + (1 if title else 0) + len(queries) - 1
+    height = line_inches * (n_lines + 1)
+    fig = Figure(figsize=(width_inches, height), dpi=dpi)
+    chars = int(13 * width_inches)
+    y = 1.0 - 0.5 / (n_lines + 1)
+    step = 1.0 / (n_lines + 1)
+    if title:
+        fig.text(0.01, y, textwrap.shorten(title, width=chars, placeholder=" ..."), fontsize=10, va="center",
+                 fontweight="bold")
+        y -= step
+    for r, (caption, texts, correct) in enumerate(queries):
+        fig.text(0.01, y, textwrap.shorten(f"spoken: {caption}", width=chars, placeholder=" ..."), fontsize=9,
+                 va="center", style="italic")
+        y -= step
+        for c, text in enumerate(texts):
+            hit = correct is not None and c == int(correct)
+            fig.text(0.03, y, textwrap.shorten(f"#{c + 1}  {text}", width=chars - 4, placeholder=" ..."),
+                     fontsize=9, va="center", color="green" if hit else "black",
+                     fontweight="bold" if hit else "normal")
+            y -= step
+        y -= step if r < len(queries) - 1 else 0
     _save(fig, path, dpi)

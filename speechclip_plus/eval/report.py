@@ -4,9 +4,10 @@ Contract
 - Every write goes to a temporary file in the destination's directory, which is then renamed over the
   destination, so a reader never sees a half-written file.
 - Metric values that are fractions in [0, 1] are shown in tables as percentages with 2 decimals. A key is a
-  fraction if its name ends in ``_r<k>`` (recall@k), ``recall_mean_<k>``, ``_rate`` or ``_rate_at<n>``
-  (the names used by ``retrieval.recall_at_k`` and ``keywords.keyword_metrics``), unless the column says
-  otherwise. Other floats get 2 decimals, ints are printed as they are, a missing/None/NaN value is ``-``.
+  fraction if its name ends in ``_r<k>`` (recall@k), ``recall_mean_<k>``, ``_rate``, ``_rate_at<n>``,
+  ``_rate_utt`` or ``coverage`` (the names used by ``retrieval.recall_at_k`` and ``keywords.keyword_metrics``),
+  unless the column says otherwise. Other floats get 2 decimals, ints are printed as they are, a
+  missing/None/NaN value is ``-``.
 - JSON: tensors and numpy values become numbers or lists; NaN and infinities become ``null``.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 KINDS = ("pct", "num", "int", "text")
-_FRACTION_RE = re.compile(r"(_r\d+|^recall_mean_\d+|_rate|_rate_at\d+)$")
+_FRACTION_RE = re.compile(r"(_r\d+|^recall_mean_\d+|_rate|_rate_at\d+|_rate_utt|coverage)$")
 
 Column = Union[str, Tuple[str, str], Tuple[str, str, str]]
 

@@ -1,4 +1,4 @@
-"""Image <-> speech retrieval recall, computed in chunks.
+"""Image <-> speech (and speech <-> text) retrieval recall, computed in chunks; chance levels.
 
 Contract
 - ``speech`` (N, D) and ``images`` (M, D) are embeddings the caller has already L2-normalised; the score of a
@@ -19,6 +19,17 @@ Contract
   (speech -> image over N utterances, image -> speech over M images); ``recall_mean_k`` = the mean of the two
   directions.
 
+The same code scores any "many queries, one positive each / few queries, several positives each" pair of
+sets: with ``names=("speech_to_text", "text_to_speech")`` the candidates are caption texts instead of images
+(``eval.scoring``: zero-shot speech <-> text through CLIP's text tower).
+
+Chance level (``chance_recall``): the expected R@k of scores that order the candidates uniformly at random
+(no ties). Speech -> image: ``min(k, M) / M``. Image -> speech, for an image with c of the N utterances:
+``1 - C(N - c, k) / C(N, k)`` (the chance that a random top k holds one of its c), averaged over the images.
+An R@k whose chance level is 1 is 1 for every model (too few candidates: ``M <= k``, or every image has at
+most k - 1 negatives): ``constant_recalls`` lists them and ``selection_warning`` says when the metric that
+picks the best checkpoint (``train.select_metric``) is one of them.
+
 Cost: one (N, M, D) matrix product in total, done as ``images @ speech[chunk].T``, so only a (M, chunk) block
 of scores exists at a time. ``chunk_size=None`` picks ``BLOCK_SCORES // M`` utterances, so a block holds about
 2**24 scores (64 MiB in float32; the peak extra memory is about 2.5 times that, plus O(M x max_k x MERGE_EVERY)).
@@ -29,7 +40,8 @@ which is enough to tell whether its rank is below max(ks). No full sort is neede
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -139,25 +151,80 @@ def retrieval_ranks(speech: torch.Tensor, images: torch.Tensor, speech2image: In
     return speech_rank.clamp_(max=max_rank), image_rank
 
 
-def recall_at_k(speech: torch.Tensor, images: torch.Tensor, speech2image: IndexLike,
-                ks: Sequence[int] = (1, 5, 10), chunk_size: Optional[int] = None,
-                ties: str = "pessimistic") -> Dict[str, float]:
-    """Recall@k both ways as fractions in [0, 1] (definitions and tie rule in the module docstring).
+DIRECTIONS = ("speech_to_image", "image_to_speech")
 
-    Returns ``speech_to_image_r{k}``, ``image_to_speech_r{k}`` and ``recall_mean_{k}`` for every k in ``ks``.
-    """
+
+def _check_ks(ks: Sequence[int]) -> List[int]:
     ks = list(ks)
     if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
         raise ValueError(f"ks: expected positive ints, got {ks!r}")
+    return ks
+
+
+def recall_at_k(speech: torch.Tensor, images: torch.Tensor, speech2image: IndexLike,
+                ks: Sequence[int] = (1, 5, 10), chunk_size: Optional[int] = None,
+                ties: str = "pessimistic", names: Tuple[str, str] = DIRECTIONS) -> Dict[str, float]:
+    """Recall@k both ways as fractions in [0, 1] (definitions and tie rule in the module docstring).
+
+    Returns ``<names[0]>_r{k}``, ``<names[1]>_r{k}`` (by default ``speech_to_image_r{k}``,
+    ``image_to_speech_r{k}``) and ``recall_mean_{k}`` for every k in ``ks``.
+    """
+    ks = _check_ks(ks)
     speech_rank, image_rank = retrieval_ranks(speech, images, speech2image, max(ks), chunk_size, ties)
     out: Dict[str, float] = {}
     for k in ks:
         s2i = (speech_rank < k).double().mean().item()
         i2s = (image_rank < k).double().mean().item()
-        out[f"speech_to_image_r{k}"] = s2i
-        out[f"image_to_speech_r{k}"] = i2s
+        out[f"{names[0]}_r{k}"] = s2i
+        out[f"{names[1]}_r{k}"] = i2s
         out[f"recall_mean_{k}"] = (s2i + i2s) / 2
     return out
+
+
+def chance_recall(speech2image: IndexLike, ks: Sequence[int] = (1, 5, 10),
+                  names: Tuple[str, str] = DIRECTIONS) -> Dict[str, float]:
+    """Expected recall@k of random scores (formulas in the module docstring), keyed as ``recall_at_k``.
+
+    ``speech2image`` (N,) as for ``recall_at_k``; the candidates are the images it refers to (every row
+    ``0..max`` must have at least one utterance).
+    """
+    ks = _check_ks(ks)
+    s2i = torch.as_tensor(speech2image).long().reshape(-1)
+    if s2i.numel() == 0 or int(s2i.min()) < 0:
+        raise ValueError("speech2image: expected a non-empty 1-D index tensor with values >= 0")
+    counts = torch.bincount(s2i).tolist()
+    if 0 in counts:
+        raise ValueError(f"speech2image: image row {counts.index(0)} has no utterance")
+    n, m = len(s2i), len(counts)
+    out: Dict[str, float] = {}
+    for k in ks:
+        a = min(k, m) / m
+        b = sum(1.0 - math.comb(n - c, k) / math.comb(n, k) for c in counts) / m if k <= n else 1.0
+        out[f"{names[0]}_r{k}"] = a
+        out[f"{names[1]}_r{k}"] = b
+        out[f"recall_mean_{k}"] = (a + b) / 2
+    return out
+
+
+def constant_recalls(speech2image: IndexLike, ks: Sequence[int] = (1, 5, 10),
+                     names: Tuple[str, str] = DIRECTIONS) -> List[str]:
+    """Names of the recalls that are 1 for any scores (chance level 1: too few candidates)."""
+    return [key for key, value in chance_recall(speech2image, ks, names).items() if value >= 1.0]
+
+
+def selection_warning(speech2image: IndexLike, select_metric: str, where: str) -> Optional[str]:
+    """A warning when ``select_metric`` (``train.select_metric``, optionally ``<branch>/``-prefixed) is a recall
+    that ``where`` (the validation set) cannot move: it is 1 whatever the model, so it cannot rank checkpoints.
+    None otherwise (other metrics, or a recall with room to vary)."""
+    metric = select_metric.split("/")[-1]
+    fixed = constant_recalls(speech2image)
+    if metric not in fixed:
+        return None
+    n_images = int(torch.as_tensor(speech2image).max()) + 1
+    return (f"{where}: {metric} is 1.0 for any model ({n_images} images, {len(torch.as_tensor(speech2image))} "
+            f"utterances: too few candidates), so train.select_metric={select_metric} cannot tell checkpoints "
+            f"apart and best.pt is simply the first validation; use a larger valid set or another "
+            f"train.select_metric (e.g. recall_mean_1, or loss). Recalls fixed at 1 here: {', '.join(fixed)}")
 
 
 def top_k_images(speech: torch.Tensor, images: torch.Tensor, k: int = 5, chunk_size: Optional[int] = None

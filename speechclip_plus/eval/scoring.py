@@ -7,22 +7,34 @@ Steps of ``score``:
    normalize(parallel + cascaded)) against the data dir's images, whose embeddings come from the stage-2
    cache and are L2-normalised here: ``eval.retrieval.recall_at_k``, R@1/5/10 both ways, fractions in [0, 1].
    Every image used by an utterance is a candidate (images of ``img.scp`` without an utterance are not).
-3. Keywords (cascaded branches). The published keyword metrics were never released; these definitions are
-   ours (implemented in ``eval.keywords``). An utterance's keywords are the CLIP token ids its K slots
-   quantise to (K = n_keywords for ``c``/``h``, the CIF count for ``c+``/``h+``), compared with the CLIP BPE
-   ids of its transcription (``normalize_caption``, open_clip's tokenizer, no SOT/EOT):
-   - subword hit rate: share of all keywords whose id occurs in the transcription's ids; hit@5: share of
-     keywords one of whose 5 nearest tokens occurs;
-   - word hit rate: share of all keywords that are whole-word tokens (``...</w>``) equal to a word of the
-     normalised transcription;
-   - duplicate rate: mean over utterances of 1 - distinct(keywords) / K;
-   - CIF only: mean K, mean target and count error mean |K - target|, with the model's own target
-     (``cif.target``: duration, clip_bpe, or spm through ``data.text_vocab``).
-4. Outputs in ``out_dir``: ``results.json`` (everything), ``keywords.txt`` (``<utt> <token> ...``),
+3. Zero-shot speech <-> text retrieval (SpeechCLIP's own evaluation), for the branches that live in CLIP's
+   space: ``parallel`` (projected onto CLIP's joint space: SpeechCLIP's reported number) and ``cascaded``
+   (the output of CLIP's text tower on the keywords). The candidates are the CLIP text embeddings
+   (``encode_text``, unit norm) of the set's distinct transcriptions (``normalize_caption``); two captions
+   are the same text when CLIP's tokenizer gives them the same tokens (case and spacing do not matter: they
+   embed identically), so a repeated caption is one candidate. Speech -> text: an utterance is correct if
+   its own transcription ranks in the top k; text -> speech: a text is correct if any utterance with that
+   transcription ranks in the top k. Same chunked code and tie rule as step 2 (``recall_at_k`` with
+   ``names=("speech_to_text", "text_to_speech")``). No speech-text pairs were used in training.
+   Chance levels (``chance_recall``: random scores) of every recall go to ``results["chance"]``; recalls that
+   are 1 for any model (too few candidates) are logged as a warning.
+4. Keywords (cascaded branches). The published keyword metrics were never released; these definitions are
+   ours (``eval.keywords``, whose docstring defines each metric). An utterance's keywords are the CLIP token
+   ids its K slots quantise to (K = n_keywords for ``c``/``h``, the CIF count for ``c+``/``h+``) with their 5
+   nearest tokens, compared with the CLIP BPE ids of its transcription (``normalize_caption``, open_clip's
+   tokenizer, no SOT/EOT) and its words: subword and word hit rates (pooled and per utterance), hit@5,
+   coverage and word coverage of the transcription, duplicate rate, the transcription's own duplicate rate and
+   the excess over it, adjacent repeats; for CIF also mean K, mean target and count error |K - target| with
+   the model's own target (``cif.target``: duration, clip_bpe, or spm through ``data.text_vocab``); all of
+   them again per K bin (``by_k``).
+5. Outputs in ``out_dir``: ``results.json`` (everything: ``retrieval[branch]``, ``text_retrieval[branch]``,
+   ``chance.{retrieval,text_retrieval}``, ``keywords``), ``keywords.txt`` (``<utt> <token> ...``),
    ``keywords.jsonl`` (per utterance: tokens, ids, CIF times, neighbours, transcription tokens, target),
-   ``plots/cif_<utt>.png`` (CIF weights and fires over the log-mel spectrogram) and
-   ``plots/retrieval_<branch>.png`` (top-5 images of a few spoken queries, the correct one framed); a section
-   of ``RESULTS.md`` (one row per branch) replaced or appended. All writes are atomic.
+   ``plots/cif_<utt>.png`` (CIF weights and fires over the log-mel spectrogram),
+   ``plots/retrieval_<branch>.png`` (top-5 images of a few spoken queries, the correct one framed),
+   ``plots/text_retrieval_<branch>.png`` (their top-5 texts) and ``plots/keywords_by_k.png`` (keyword metrics per
+   K bin); a section of ``RESULTS.md`` (one row per branch and a chance row, for image and for text retrieval,
+   and the keyword metrics per K bin) replaced or appended. All writes are atomic.
 
 Unlike the rest of ``eval/`` this module drives a model: it takes a built ``SpeechCLIP`` (loading is the
 caller's, see ``speechclip_plus.api``) and uses the API's batch helpers, so scores and API embeddings agree.
@@ -41,12 +53,15 @@ import torch.nn.functional as F
 
 from .keywords import keyword_metrics
 from .report import atomic_write, format_table, write_md_section, write_results_json
-from .retrieval import recall_at_k, top_k_images
+from .retrieval import chance_recall, constant_recalls, recall_at_k, top_k_images
 
 log = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
 N_NEIGHBOURS = 5
+TEXT_DIRECTIONS = ("speech_to_text", "text_to_speech")
+TEXT_BRANCHES = ("parallel", "cascaded")  # the branches whose embeddings live in CLIP's text-image space
+TEXT_BATCH = 256
 
 
 # ---------------------------------------------------------------------------------------------- embedding
@@ -168,6 +183,28 @@ def image_matrix(image_embeds: Dict[str, np.ndarray], image_ids: Sequence[str], 
     return unique, F.normalize(mat, dim=-1), torch.tensor([row[i] for i in image_ids], dtype=torch.long)
 
 
+def text_matrix(model, texts: Sequence[str], batch_size: int = TEXT_BATCH):
+    """(the distinct texts, first spelling of each; their (T, E) unit-norm CLIP text embeddings; speech2text (N,)
+    rows into them). Texts are ``normalize_caption``-ed; two are the same when CLIP tokenises them alike."""
+    from ..data.vocab import normalize_caption
+
+    clean = [normalize_caption(t) for t in texts]
+    tokens = model.clip.tokenizer(clean)
+    row: Dict[tuple, int] = {}
+    unique: List[str] = []
+    speech2text = []
+    for text, tok in zip(clean, tokens.tolist()):
+        key = tuple(tok)
+        if key not in row:
+            row[key] = len(unique)
+            unique.append(text)
+        speech2text.append(row[key])
+    with torch.no_grad():
+        emb = torch.cat([model.clip.encode_text(unique[s:s + batch_size]).float().cpu()
+                         for s in range(0, len(unique), batch_size)])
+    return unique, F.normalize(emb, dim=-1), torch.tensor(speech2text, dtype=torch.long)
+
+
 def transcription_ids(model, texts: Sequence[str]) -> List[List[int]]:
     """CLIP BPE ids of each transcription (``normalize_caption``, open_clip's tokenizer; no SOT/EOT)."""
     from ..data.vocab import normalize_caption
@@ -255,15 +292,52 @@ def _plots(model, emb: Embedded, data_dir: str, out_dir: str, branch: str, image
     return written
 
 
+def _text_plot(emb: Embedded, out_dir: str, branch: str, texts: torch.Tensor, text_list: List[str],
+               speech2text: torch.Tensor, num_plots: int) -> List[str]:
+    """The top-5 texts of the first ``num_plots`` utterances by ``branch``; returns the file written (or none)."""
+    from .plots import plot_text_retrieval_examples
+
+    picks = list(range(min(num_plots, len(emb.utts))))
+    if not picks or branch not in emb.embeddings:
+        return []
+    _, top = top_k_images(emb.embeddings[branch][picks], texts, k=min(5, texts.shape[0]))
+    queries = []
+    for row, i in enumerate(picks):
+        found = top[row].tolist()
+        truth = int(speech2text[i])
+        queries.append((f"{emb.utts[i]}: {emb.texts[i]}", [text_list[j] for j in found],
+                        found.index(truth) if truth in found else None))
+    path = os.path.join(out_dir, "plots", f"text_retrieval_{branch}.png")
+    try:
+        plot_text_retrieval_examples(path, queries, title=f"{branch} branch: top texts of spoken queries "
+                                                          "(zero-shot, CLIP text embeddings)")
+    except (ValueError, OSError) as e:
+        log.warning("text retrieval plot skipped: %s", e)
+        return []
+    return [path]
+
+
 RETRIEVAL_COLUMNS = [
     ("branch", "branch", "text"),
     ("speech_to_image_r1", "S→I R@1"), ("speech_to_image_r5", "S→I R@5"), ("speech_to_image_r10", "S→I R@10"),
     ("image_to_speech_r1", "I→S R@1"), ("image_to_speech_r5", "I→S R@5"), ("image_to_speech_r10", "I→S R@10"),
 ]
+TEXT_COLUMNS = [
+    ("branch", "branch", "text"),
+    ("speech_to_text_r1", "S→T R@1"), ("speech_to_text_r5", "S→T R@5"), ("speech_to_text_r10", "S→T R@10"),
+    ("text_to_speech_r1", "T→S R@1"), ("text_to_speech_r5", "T→S R@5"), ("text_to_speech_r10", "T→S R@10"),
+]
+CHANCE_ROW = "chance"  # the row of a table holding the chance level of each recall (random scores)
 KEYWORD_COLUMNS = [
     ("subword_hit_rate", "kw subword hit"), (f"subword_hit_rate_at{N_NEIGHBOURS}", f"kw hit@{N_NEIGHBOURS}"),
-    ("word_hit_rate", "kw word hit"), ("duplicate_rate", "kw dup"), ("mean_keywords", "mean K"),
-    ("count_error", "|K-target|"),
+    ("word_hit_rate", "kw word hit"), ("coverage", "kw cover"), ("word_coverage", "word cover"),
+    ("duplicate_rate", "kw dup"), ("excess_duplicate_rate", "excess dup"), ("adjacent_repeat_rate", "adj repeat"),
+    ("mean_keywords", "mean K"), ("count_error", "|K-target|"),
+]
+KEYWORD_BY_K_COLUMNS = [
+    ("bin", "K", "text"), ("n_utterances", "utterances"), ("mean_keywords", "mean K"),
+    ("subword_hit_rate", "subword hit"), ("word_hit_rate", "word hit"), ("coverage", "cover"),
+    ("word_coverage", "word cover"), ("excess_duplicate_rate", "excess dup"), ("adjacent_repeat_rate", "adj repeat"),
 ]
 
 
@@ -275,8 +349,38 @@ def results_table(results: Dict[str, Any]) -> str:
         if branch == "cascaded" and results.get("keywords"):
             row.update(results["keywords"])
         rows.append(row)
+    chance = (results.get("chance") or {}).get("retrieval")
+    if chance:
+        rows.append({"branch": CHANCE_ROW, **chance})
     cols = list(RETRIEVAL_COLUMNS) + (list(KEYWORD_COLUMNS) if results.get("keywords") else [])
     return format_table(rows, cols)
+
+
+def keyword_by_k_table(keywords: Dict[str, Any]) -> str:
+    """The Markdown table of ``keyword_metrics``' ``by_k``: one row per K bin present."""
+    return format_table([{"bin": label, **m} for label, m in keywords["by_k"].items()], KEYWORD_BY_K_COLUMNS)
+
+
+def _keyword_plot(out_dir: str, label: str, keywords: Dict[str, Any]) -> List[str]:
+    """``plots/keywords_by_k.png`` (one series, ``label``); returns the file written, if any."""
+    from .plots import plot_keyword_metrics_by_k
+
+    path = os.path.join(out_dir, "plots", "keywords_by_k.png")
+    try:
+        plot_keyword_metrics_by_k(path, {label: keywords["by_k"]})
+    except (ValueError, OSError) as e:
+        log.warning("keyword plot skipped: %s", e)
+        return []
+    return [path]
+
+
+def text_results_table(results: Dict[str, Any]) -> str:
+    """The Markdown table of ``results["text_retrieval"]``: one row per branch and the chance row."""
+    rows = [{"branch": branch, **metrics} for branch, metrics in (results.get("text_retrieval") or {}).items()]
+    chance = (results.get("chance") or {}).get("text_retrieval")
+    if chance:
+        rows.append({"branch": CHANCE_ROW, **chance})
+    return format_table(rows, TEXT_COLUMNS)
 
 
 def score(model, data_dir: str, image_embeds: str, out_dir: str, exp_dir: Optional[str] = None,
@@ -297,6 +401,15 @@ def score(model, data_dir: str, image_embeds: str, out_dir: str, exp_dir: Option
         raise ValueError(f"{image_embeds}: image embeddings have dim {images.shape[1]}, the model's CLIP has "
                          f"{model.clip.embed_dim} (computed with another CLIP?)")
     retrieval = {b: recall_at_k(e, images, s2i, ks=KS) for b, e in emb.embeddings.items()}
+    text_list, texts, s2t = text_matrix(model, emb.texts)
+    text_retrieval = {b: recall_at_k(emb.embeddings[b], texts, s2t, ks=KS, names=TEXT_DIRECTIONS)
+                      for b in TEXT_BRANCHES if b in emb.embeddings}
+    chance = {"retrieval": chance_recall(s2i, KS), "text_retrieval": chance_recall(s2t, KS, TEXT_DIRECTIONS)}
+    fixed = constant_recalls(s2i, KS) + constant_recalls(s2t, KS, TEXT_DIRECTIONS)
+    if fixed:
+        log.warning("%s: %s are 1.0 for any model (%d images, %d distinct texts, %d utterances: too few "
+                    "candidates); read every recall against the chance row", data_dir, ", ".join(fixed),
+                    len(image_list), len(text_list), len(emb.utts))
     text_ids = transcription_ids(model, emb.texts) if emb.keywords else []
     kw_metrics = keyword_report(model, emb, text_ids) if emb.keywords else None
     set_name = os.path.basename(os.path.normpath(data_dir))
@@ -309,7 +422,10 @@ def score(model, data_dir: str, image_embeds: str, out_dir: str, exp_dir: Option
         "retrieval_branch": model.retrieval_branch,
         "n_utterances": len(emb.utts),
         "n_images": len(image_list),
+        "n_texts": len(text_list),
         "retrieval": retrieval,
+        "text_retrieval": text_retrieval,
+        "chance": chance,
         "keywords": kw_metrics,
     }
     os.makedirs(out_dir, exist_ok=True)
@@ -317,14 +433,26 @@ def score(model, data_dir: str, image_embeds: str, out_dir: str, exp_dir: Option
         txt, jsonl = _keyword_lines(model, emb, text_ids)
         atomic_write(os.path.join(out_dir, "keywords.txt"), txt)
         atomic_write(os.path.join(out_dir, "keywords.jsonl"), jsonl)
-    results["plots"] = [os.path.relpath(p, out_dir) for p in
-                        _plots(model, emb, data_dir, out_dir, model.retrieval_branch, images, image_list, s2i,
-                               num_plots)]
+    text_branch = "parallel" if "parallel" in text_retrieval else "cascaded"
+    plots = (_plots(model, emb, data_dir, out_dir, model.retrieval_branch, images, image_list, s2i, num_plots)
+             + _text_plot(emb, out_dir, text_branch, texts, text_list, s2t, num_plots))
+    if kw_metrics and num_plots > 0:
+        plots += _keyword_plot(out_dir, f"{model.variant} cascaded", kw_metrics)
+    results["plots"] = [os.path.relpath(p, out_dir) for p in plots]
     write_results_json(os.path.join(out_dir, "results.json"), results)
     if exp_dir is not None:
         title = f"{set_name}: {label}" if label else set_name
         note = (f"Variant `{model.variant}`, {len(emb.utts)} utterances, {len(image_list)} images; recall and "
-                f"keyword rates in %. `*` = the model's retrieval branch. Details: "
-                f"`{os.path.relpath(os.path.join(out_dir, 'results.json'), exp_dir)}`.")
-        write_md_section(os.path.join(exp_dir, "RESULTS.md"), title, note + "\n\n" + results_table(results))
+                f"keyword rates in %. `*` = the model's retrieval branch; `{CHANCE_ROW}` = the expected recall of "
+                f"random scores. Details: `{os.path.relpath(os.path.join(out_dir, 'results.json'), exp_dir)}`.")
+        text_note = (f"Zero-shot speech↔text retrieval against the CLIP text embeddings of the {len(text_list)} "
+                     "distinct transcriptions (no speech-text pairs in training): `parallel` is SpeechCLIP's "
+                     "zero-shot number, `cascaded` is CLIP's text tower on the keywords.")
+        body = note + "\n\n" + results_table(results)
+        if kw_metrics:
+            body += ("\nKeyword metrics of the cascaded branch by keyword count K (`by_k` in results.json; "
+                     "rates in %):\n\n" + keyword_by_k_table(kw_metrics))
+        if text_retrieval:
+            body += "\n" + text_note + "\n\n" + text_results_table(results)
+        write_md_section(os.path.join(exp_dir, "RESULTS.md"), title, body)
     return results

@@ -1,4 +1,5 @@
-"""Trainable attention block on top of the weighted upstream features (reference.md §1.3).
+"""Trainable attention block on top of the weighted upstream features (the reference's ``TransformerEncoder`` and
+``MultiheadAttentionAndNorm``, ``avssl/module/kw_modules/TransformerModels.py`` of ShampooWang/SpeechCLIP_plus).
 
 - ``mha``: y = LayerNorm(x + MHA(x, x, x)), a single attention layer with no feed-forward part.
 - ``transformer``: ``n_layers`` post-LN ``nn.TransformerEncoderLayer`` (GELU) followed by a final LayerNorm.

@@ -1,11 +1,12 @@
 """The frozen CLIP: image/text encoders, the reduced keyword vocabulary and the keyword -> text-encoder path.
 
 Everything is open_clip's own (``create_model_and_transforms``, ``get_tokenizer``, the text transformer,
-``ln_final``, ``text_projection``, positional embedding); this module only adds the SpeechCLIP+ parts
-(reference.md §1.2, §3.3):
+``ln_final``, ``text_projection``, positional embedding); this module only adds the SpeechCLIP+ parts (the
+reference's ``ClipModel`` in ``avssl/module/clip_official.py`` of ShampooWang/SpeechCLIP_plus):
 - a *reduced vocabulary*: the original CLIP token ids seen in the training captions, in file order (by
   frequency). ``token_table`` (V, token_dim) holds their frozen embedding rows; the keyword quantiser picks
-  rows of it. ``special_mask`` marks pad (id 0), SOT and EOT by id, so they can never be picked (§9.6).
+  rows of it. ``special_mask`` marks pad (id 0), SOT and EOT by id, so they can never be picked (the
+  reference masks reduced positions 0, 2, 3, which are those tokens only in its own frequency-ordered files).
 - ``encode_keywords``: a prompt [SOT, kw_1 .. kw_K_b, EOT, pad ...] of continuous keyword vectors through the
   frozen text encoder, pooled at EOT. With keyword vectors equal to the embeddings of a sentence's tokens it
   equals ``encode_text`` of that sentence.
@@ -13,7 +14,9 @@ Everything is open_clip's own (``create_model_and_transforms``, ``get_tokenizer`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -26,7 +29,19 @@ from torch import nn
 
 PAD_ID = 0  # open_clip's tokenizer pads with id 0 ("!")
 
+log = logging.getLogger(__name__)
+
 PathLike = Union[str, os.PathLike]
+
+
+def check_values(ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the boolean tensor ``ok`` is true. On an accelerator the check runs on
+    the device (``torch._assert_async``) so that it never waits for the host."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -99,6 +114,30 @@ def save_vocab_usage(path: PathLike, ids: Sequence[int], counts: Sequence[int]) 
 
 
 # ---------------------------------------------------------------------------------------------- model
+class _DropMessage(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """open_clip warns on the root logger that a model built without pretrained weights is "initialized
+    randomly"; FrozenCLIP says itself what it loads, so that line is left out while the model is built."""
+    drop = _DropMessage("No pretrained weights loaded for model")
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _resolve_model_name(name: str) -> str:
     """open_clip architecture name; a ``.json`` model config is registered with open_clip under its stem."""
     import open_clip
@@ -166,9 +205,14 @@ class FrozenCLIP(nn.Module):
                 f"CLIP pretrained='{pretrained}' is neither an open_clip tag of {model_name} "
                 f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'}) nor a file"
             )
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, force_quick_gelu=bool(quick_gelu)
-        )
+        with _without_random_init_warning():
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, force_quick_gelu=bool(quick_gelu)
+            )
+        if pretrained:
+            log.info("CLIP %s: weights %s", name, pretrained)
+        else:
+            log.info("CLIP %s: built without pretrained weights (random until a state dict is loaded)", name)
         self.name = str(name)
         self.quick_gelu = bool(quick_gelu or model_cfg.get("quick_gelu", False))
         self.clip = clip
@@ -201,6 +245,7 @@ class FrozenCLIP(nn.Module):
         self.register_buffer("_special_mask", torch.empty(0, dtype=torch.bool), persistent=False)
         self._refresh_maps()
         self.register_load_state_dict_post_hook(FrozenCLIP._after_load)
+        self.register_load_state_dict_pre_hook(FrozenCLIP._log_loaded)
 
     # ------------------------------------------------------------------ setup helpers
     def _vocab_ids(self, vocab) -> List[int]:
@@ -228,6 +273,14 @@ class FrozenCLIP(nn.Module):
     def _after_load(module: "FrozenCLIP", incompatible_keys) -> None:
         module._refresh_maps()
 
+    @staticmethod
+    def _log_loaded(module: "FrozenCLIP", state_dict, prefix, *args) -> None:
+        """Say what a ``load_state_dict`` brings to the CLIP (a model file or checkpoint holding its weights)."""
+        n = sum(1 for k in state_dict if k.startswith(prefix + "clip."))
+        if n:
+            total = sum(1 for k in module.state_dict() if k.startswith("clip."))
+            log.info("CLIP %s: %d of its %d tensors loaded from the model's state dict", module.name, n, total)
+
     def _refresh_maps(self) -> None:
         """Rebuild the derived maps from ``vocab_ids`` (also after ``load_state_dict``)."""
         ids = self.vocab_ids
@@ -243,7 +296,8 @@ class FrozenCLIP(nn.Module):
     # ------------------------------------------------------------------ sizes and tables
     @property
     def embed_dim(self) -> int:
-        """Joint image/text embedding dim (= text_projection.shape[1], reference.md §9.16)."""
+        """Joint image/text embedding dim (= text_projection.shape[1]; equal to the token width only for some
+        CLIPs, e.g. ViT-B/32 and ViT-L/14, which the reference's parallel projection assumed)."""
         proj = self._text.text_projection
         return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
 
@@ -268,15 +322,17 @@ class FrozenCLIP(nn.Module):
     def to_reduced(self, ids: torch.Tensor) -> torch.Tensor:
         """Original ids (any shape) -> reduced ids; -1 where the token is not in the reduced vocabulary."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.vocab_ids.device)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.full_vocab_size):
-            raise ValueError(f"to_reduced: ids outside [0, {self.full_vocab_size})")
+        if ids.numel():
+            check_values(((ids >= 0) & (ids < self.full_vocab_size)).all(),
+                         f"to_reduced: ids outside [0, {self.full_vocab_size})")
         return self._to_reduced[ids]
 
     def to_original(self, ids: torch.Tensor) -> torch.Tensor:
         """Reduced ids (any shape) -> original CLIP ids."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.vocab_ids.device)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"to_original: reduced ids outside [0, {self.vocab_size})")
+        if ids.numel():
+            check_values(((ids >= 0) & (ids < self.vocab_size)).all(),
+                         f"to_original: reduced ids outside [0, {self.vocab_size})")
         return self.vocab_ids[ids]
 
     # ------------------------------------------------------------------ tokenizer
@@ -336,16 +392,16 @@ class FrozenCLIP(nn.Module):
         if lengths is None:
             lengths = torch.full((bsz,), k, dtype=torch.long, device=device)
         lengths = lengths.to(device=device, dtype=torch.long)
-        if lengths.shape != (bsz,) or (bsz and (lengths.min() < 0 or lengths.max() > k)):
-            raise ValueError(
-                f"encode_keywords: lengths must be (B,) = ({bsz},) in [0, {k}], got {lengths.tolist()}"
-            )
+        if lengths.shape != (bsz,):
+            raise ValueError(f"encode_keywords: lengths must be (B,) = ({bsz},), got {tuple(lengths.shape)}")
+        if bsz:
+            check_values(((lengths >= 0) & (lengths <= k)).all(), f"encode_keywords: lengths must be in [0, {k}]")
 
         text = self._text
         cast_dtype = text.transformer.get_cast_dtype()
         # The text transformer is causal, so the EOT state depends only on positions <= EOT: run it over the
-        # n = max(L_b) + 2 positions the longest prompt uses instead of the whole context (same output).
-        n = int(lengths.max()) + 2 if bsz else 2
+        # K + 2 positions the prompts can use instead of the whole context (same output, no host read).
+        n = k + 2
         pos = torch.arange(n, device=device)
         eot_pos = lengths + 1
         ids = torch.full((bsz, n), PAD_ID, dtype=torch.long, device=device)

@@ -1,10 +1,11 @@
-"""Contrastive loss between speech and image embeddings (reference.md §4), distributed-aware.
+"""Contrastive loss between speech and image embeddings (the reference's ``MaskedContrastiveLoss``), distributed-aware.
 
 With logit scale s = min(exp(t), s_max) (t learnable, initialised to ln(1/T0)) and l_ij = s <a_i, b_j>,
 pairs (i, j) with the same image id and i != j are removed from the softmax denominators (other captions of
 the same image are not negatives):
   L_a2b = mean_i [ -l_ii + logsumexp_{j: j=i or id_j != id_i} l_ij ],  L_b2a likewise over columns,
   L = (L_a2b + L_b2a) / 2.
+Computed in float32 with autocast off (logits in fp16 would lose the margin between near neighbours).
 Differences from the reference: the scale is clamped and log-sum-exp is max-subtracted (stable).
 Under torch.distributed with several ranks, embeddings and ids are all-gathered (with gradient) first, so
 every rank scores its utterances against the whole global batch; the loss then equals the single-process
@@ -48,13 +49,14 @@ class MaskedContrastiveLoss(nn.Module):
         return self.log_scale.exp().clamp(max=self.max_logit_scale)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """a, b: (N, D) L2-normalised; ids: (N,) image ids. Returns the scalar loss."""
-        a, b, ids = gather_with_grad(a.float(), b.float(), ids)
-        logits = self.logit_scale * a @ b.t()
-        same = ids[:, None] == ids[None, :]
-        eye = torch.eye(len(ids), dtype=torch.bool, device=a.device)
-        logits = logits.masked_fill(same & ~eye, float("-inf"))
-        pos = logits.diagonal()
-        loss_a2b = (torch.logsumexp(logits, 1) - pos).mean()
-        loss_b2a = (torch.logsumexp(logits, 0) - pos).mean()
-        return (loss_a2b + loss_b2a) / 2
+        """a, b: (N, D) L2-normalised; ids: (N,) image ids. Returns the scalar loss (float32)."""
+        with torch.autocast(a.device.type, enabled=False):
+            a, b, ids = gather_with_grad(a.float(), b.float(), ids)
+            logits = self.logit_scale.float() * a @ b.t()
+            same = ids[:, None] == ids[None, :]
+            eye = torch.eye(len(ids), dtype=torch.bool, device=a.device)
+            logits = logits.masked_fill(same & ~eye, float("-inf"))
+            pos = logits.diagonal()
+            loss_a2b = (torch.logsumexp(logits, 1) - pos).mean()
+            loss_b2a = (torch.logsumexp(logits, 0) - pos).mean()
+            return (loss_a2b + loss_b2a) / 2

@@ -2,16 +2,21 @@
 
 ``KeywordBatchNorm``: BatchNorm over keyword vectors whose affine part starts at the token table's
 per-dimension statistics (weight = std * scale, bias = mean), so normalised keywords land in the token
-embedding space (reference.md §3.2). Two modes:
+embedding space (as the reference's ``Kw_BatchNorm``). Two modes:
 - ``n_slots`` given (fixed CLS keywords): separate statistics per (slot, dim). The reference initialises
   this case with a scrambled (k-major vs d-major) affine vector; here slot k, dim d gets (std_d, mean_d).
 - ``n_slots`` None (CIF keywords): one set of statistics per dim, computed over the *valid* keyword slots
-  only (the reference also pools padded slots into the statistics).
+  only (the reference also pools padded slots into the statistics). In training, with m the valid-slot mask
+  and n = sum m: mean = sum m x / n, var = sum m (x - mean)^2 / n normalise; the running estimates move by
+  ``momentum`` towards (mean, var * n / (n - 1)), as ``nn.BatchNorm1d`` does. No boolean indexing, so no host
+  synchronisation.
 
-``KeywordQuantizer``: s_kv = cos(x_k, E_v); special tokens (pad/SOT/EOT) are masked by id; hard code
-c_k = argmax_v s_kv. In training the output is the straight-through one-hot
-  q_k = onehot(c_k) + softmax(s_k / tau) - stop_grad(softmax(s_k / tau)),
-whose value is exactly the one-hot; the keyword embedding is q_k @ E (a real CLIP token embedding).
+``KeywordQuantizer``: s_kv = cos(x_k, E_v), always in float32 (also under autocast, as the reference's
+``cosine_similarity``); special tokens (pad/SOT/EOT) are masked by id; hard code c_k = argmax_v s_kv.
+The keyword embedding is E[c_k] (a real CLIP token embedding). In training it is the straight-through estimate
+  e_k = E[c_k] + p_k E - stop_grad(p_k E),   p_k = softmax(s_k / tau),
+whose value is exactly E[c_k] and whose gradient is that of the reference's (onehot(c_k) + p_k - stop_grad(p_k)) E;
+no (B, K, V) one-hot is built.
 """
 from __future__ import annotations
 
@@ -43,10 +48,21 @@ class KeywordBatchNorm(nn.Module):
             return self.bn(x.reshape(B, K * D)).reshape(B, K, D)
         if pad_mask is None:
             return self.bn(x.reshape(B * K, D)).reshape(B, K, D)
-        valid = ~pad_mask
-        out = x.new_zeros(x.shape)
-        out[valid] = self.bn(x[valid])
-        return out
+        bn = self.bn
+        m = (~pad_mask).unsqueeze(-1).to(x.dtype)  # (B, K, 1)
+        if bn.training:
+            n = m.sum()
+            mean = (x * m).sum((0, 1)) / n.clamp(min=1)
+            var = ((x - mean) ** 2 * m).sum((0, 1)) / n.clamp(min=1)
+            with torch.no_grad():
+                bn.num_batches_tracked += 1
+                unbiased = var * n / (n - 1).clamp(min=1)
+                bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), bn.momentum)
+                bn.running_var.lerp_(unbiased.detach().to(bn.running_var.dtype), bn.momentum)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        y = (x - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
+        return y * m
 
 
 class KeywordQuantizer(nn.Module):
@@ -61,14 +77,15 @@ class KeywordQuantizer(nn.Module):
         Returns ``embeddings`` (B, K, D), ``ids`` (B, K) reduced-vocab indices, ``neighbours`` (B, K, n)
         nearest reduced ids, ``cos`` (B, K, V).
         """
-        cos = F.normalize(x.float(), dim=-1) @ F.normalize(token_table.float(), dim=-1).t()
-        cos = cos.masked_fill(special_mask, float("-inf"))
-        ids = cos.argmax(-1)
-        hard = F.one_hot(ids, cos.shape[-1]).to(cos.dtype)
-        if self.training and torch.is_grad_enabled():
-            soft = torch.softmax(cos / self.temperature, dim=-1)
-            hard = hard + soft - soft.detach()
-        embeddings = hard @ token_table.float()
-        n = min(self.n_neighbours, cos.shape[-1])
-        neighbours = cos.detach().topk(n, dim=-1).indices
+        with torch.autocast(x.device.type, enabled=False):
+            table = token_table.float()
+            cos = F.normalize(x.float(), dim=-1) @ F.normalize(table, dim=-1).t()
+            cos = cos.masked_fill(special_mask, float("-inf"))
+            ids = cos.argmax(-1)
+            embeddings = table[ids]
+            if self.training and torch.is_grad_enabled():
+                soft = torch.softmax(cos / self.temperature, dim=-1) @ table
+                embeddings = embeddings + soft - soft.detach()
+            n = min(self.n_neighbours, cos.shape[-1])
+            neighbours = cos.detach().topk(n, dim=-1).indices
         return {"embeddings": embeddings, "ids": ids, "neighbours": neighbours, "cos": cos}

@@ -1,6 +1,7 @@
 """The SpeechCLIP / SpeechCLIP+ model family, assembled from the ``model`` config section.
 
-Data flow (reference.md §1.4), shared by every variant:
+Data flow, shared by every variant (as in the reference's branches, ``avssl/model/kw_branches.py`` of
+ShampooWang/SpeechCLIP_plus):
   wav -> [train: random crop to max_audio_len] -> frozen upstream -> softmax-weighted sum (B, T, D)
       -> [optional convolutional positional embedding, encoder.conv_pos]
       -> prepend the variant's CLS tokens -> one trainable attention block (shared by the branches)
@@ -11,12 +12,11 @@ Data flow (reference.md §1.4), shared by every variant:
   hplus  : [CLS_p; frames]       -> CLS_p to ParallelBranch, frames to CIF + KeywordHead
 Loss: L = w_p CL(parallel, image) + w_c CL(cascaded, image) + w_q L_QUA (CIF variants), each term present
 only for the branches the variant has. CLIP and the upstream are frozen; trainable: layer weights, CLS
-tokens, attention block, branch heads, CIF weight predictor, the contrastive temperature.
+tokens, attention block, branch heads, CIF weight predictor, the contrastive temperature (one, shared by the
+branches as in the reference, or one per branch with ``loss.per_branch_temperature``).
 
-Fixes relative to the reference (reference.md §9): the parallel branch works in every variant, hybrid
-variants honour ``parallel.projection``, keyword BatchNorm is initialised per (slot, dim) and ignores padded
-CIF slots, special tokens are masked by id, the logit scale is clamped, and CIF outputs past each sample's
-count are zero in training too.
+Every deliberate difference from the reference, and how to get its behaviour, is listed in
+docs/faithfulness.md.
 """
 from __future__ import annotations
 
@@ -39,11 +39,16 @@ CIF_VARIANTS = ("cplus", "hplus")
 
 
 def random_crop(wav: torch.Tensor, wav_len: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Crop each utterance longer than ``max_len`` samples at a uniformly random offset (torch RNG)."""
+    """Crop each utterance longer than ``max_len`` samples at a uniformly random offset.
+
+    The uniform draws come from the CPU generator (the same crops on any device for a seed) and are moved to the
+    waveforms' device; nothing is read back to the host."""
     if wav.shape[1] <= max_len:
         return wav, wav_len
+    wav_len = wav_len.to(wav.device)
     room = (wav_len - max_len).clamp(min=0)
-    offset = (torch.rand(len(wav_len)) * (room + 1).float()).long().clamp(max=room).to(wav.device)
+    u = torch.rand(len(wav_len), device="cpu").to(wav.device)
+    offset = torch.minimum((u * (room + 1).float()).long(), room)
     index = offset[:, None] + torch.arange(max_len, device=wav.device)[None, :]
     cropped = wav.gather(1, index.clamp(max=wav.shape[1] - 1))
     new_len = wav_len.clamp(max=max_len)
@@ -61,7 +66,8 @@ class SpeechCLIP(nn.Module):
         self.variant = cfg["variant"]
         up = cfg["upstream"]
         self.upstream = Upstream(up["name"], up["ckpt"], up["normalize_waveform"], up["normalize_hiddenstates"],
-                                 per_utterance=up["per_utterance"], model_config=up["model_config"])
+                                 per_utterance=up["per_utterance"], model_config=up["model_config"],
+                                 raw_last_layer=up["raw_last_layer"])
         pretrained = cfg["clip"]["pretrained"] if clip_pretrained == "config" else clip_pretrained
         self.clip = FrozenCLIP(cfg["clip"]["name"], pretrained, vocab_ids if vocab_ids is not None else cfg["clip"]["vocab"],
                                quick_gelu=cfg["clip"]["quick_gelu"])
@@ -91,6 +97,10 @@ class SpeechCLIP(nn.Module):
                            tail_threshold=f["tail_threshold"])
         lc = cfg["loss"]
         self.contrastive = MaskedContrastiveLoss(lc["temperature"], lc["learnable_temperature"], lc["max_logit_scale"])
+        self.contrastive_cascaded = None  # the cascaded branch's own temperature (hybrids, per_branch_temperature)
+        if lc["per_branch_temperature"] and len(self.branches) == 2:
+            self.contrastive_cascaded = MaskedContrastiveLoss(lc["temperature"], lc["learnable_temperature"],
+                                                              lc["max_logit_scale"])
 
     # ------------------------------------------------------------------ properties
     @property
@@ -121,9 +131,11 @@ class SpeechCLIP(nn.Module):
         return self.encoder(feats, pad), pad, feat_lens, states
 
     def hidden_states(self, wav: torch.Tensor, wav_len: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """Frame-level states for SUPERB: every upstream state plus the attention block's frame outputs."""
-        out, _, feat_lens, states = self.encode_frames(wav, wav_len)
-        return list(states) + [out[:, self.n_cls:]], feat_lens
+        """Frame-level states for SUPERB: every upstream state plus the attention block's frame outputs; frames at
+        or past ``feat_lens`` are zero in all of them."""
+        out, pad, feat_lens, states = self.encode_frames(wav, wav_len)
+        frames = out[:, self.n_cls:].masked_fill(pad[:, self.n_cls:, None], 0.0)
+        return list(states) + [frames], feat_lens
 
     def cif_targets(self, feat_lens: torch.Tensor, texts: Optional[Sequence[str]] = None,
                     target_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -150,7 +162,8 @@ class SpeechCLIP(nn.Module):
         Returns a dict with ``parallel`` / ``cascaded`` (B, E) unit-norm embeddings (those the variant has),
         ``keyword_ids`` (B, K) original CLIP ids (-1 = padding), ``keyword_neighbours`` (B, K, 5),
         ``keyword_lengths`` (B,), for CIF variants ``cif_alpha`` (B, T), ``cif_fire_mask`` (B, T),
-        ``cif_targets`` (B,) when known (always in training); ``feat_lens`` (B,); and, given images, ``loss`` and ``terms`` (floats).
+        ``cif_targets`` (B,) when known (always in training); ``feat_lens`` (B,); and, given images, ``loss``,
+        ``weighted`` and ``terms`` (see ``loss``).
         """
         max_len = self.cfg["max_audio_len"]
         if self.training and max_len:
@@ -185,21 +198,27 @@ class SpeechCLIP(nn.Module):
         return out
 
     def loss(self, out: Dict, image_embed: torch.Tensor, image_index: torch.Tensor) -> Dict:
+        """``loss`` = the sum of ``weighted`` (each term times its config weight, with graph); ``terms``: the
+        unweighted terms and a few statistics as detached 0-d tensors (read them on the host only when logging,
+        so a step needs no host synchronisation)."""
         image = nn.functional.normalize(image_embed.float(), dim=-1)
-        terms, total = {}, 0.0
+        terms, weighted = {}, {}
         if self.has_parallel:
             terms["cl_parallel"] = self.contrastive(out["parallel"], image, image_index)
-            total = total + self.cfg["parallel"]["weight"] * terms["cl_parallel"]
+            weighted["cl_parallel"] = self.cfg["parallel"]["weight"] * terms["cl_parallel"]
         if "cascaded" in out:
-            terms["cl_cascaded"] = self.contrastive(out["cascaded"], image, image_index)
-            total = total + self.cfg["cascaded"]["weight"] * terms["cl_cascaded"]
+            terms["cl_cascaded"] = (self.contrastive_cascaded or self.contrastive)(out["cascaded"], image, image_index)
+            weighted["cl_cascaded"] = self.cfg["cascaded"]["weight"] * terms["cl_cascaded"]
         if self.has_cif:
             if "cif_targets" in out:
                 terms["quantity"] = quantity_loss(out["cif_quantity"], out["cif_targets"])
-                total = total + self.cfg["cif"]["quantity_weight"] * terms["quantity"]
+                weighted["quantity"] = self.cfg["cif"]["quantity_weight"] * terms["quantity"]
             terms["keyword_count"] = out["keyword_lengths"].float().mean()
-        terms["logit_scale"] = self.contrastive.logit_scale.detach()
-        return {"loss": total, "terms": {k: float(v.detach()) for k, v in terms.items()}}
+        terms["logit_scale"] = self.contrastive.logit_scale
+        if self.contrastive_cascaded is not None:
+            terms["logit_scale_cascaded"] = self.contrastive_cascaded.logit_scale
+        total = sum(weighted.values())
+        return {"loss": total, "weighted": weighted, "terms": {k: v.detach() for k, v in terms.items()}}
 
     # ------------------------------------------------------------------ helpers
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from .hubconf import ENTRIES, speechclip_plus, speechclip_plus_local, speechclip_plus_url
+from .hubconf import ENTRIES, speechclip_plus, speechclip_plus_hf, speechclip_plus_local, speechclip_plus_url
 
-__all__ = ["register", "ENTRIES", "speechclip_plus", "speechclip_plus_local", "speechclip_plus_url"]
+__all__ = ["register", "ENTRIES", "speechclip_plus", "speechclip_plus_local", "speechclip_plus_url",
+           "speechclip_plus_hf"]
 
 
 def register() -> ModuleType:

@@ -9,10 +9,11 @@ model gives (zeros here); s3prl's featurizers trim them by ``round(L_i / rate)``
 ``get_downsample_rates(key)`` = the trunk's samples per frame.
 
 Options (keyword arguments, or a YAML mapping passed as ``model_config`` / s3prl's ``-g``):
-  per_utterance: bool (default false) run the trunk one utterance at a time, so features do not depend on
-      what else is in the batch (HuBERT Base's GroupNorm and frame mask see the padding otherwise).
-The model is read by ``SpeechCLIPPlus.from_pretrained`` (a model file, or an exp dir: its best checkpoint);
-this class adds no loading code of its own.
+  per_utterance: true | false (default) | auto: run the trunk one utterance at a time (always, never, or only
+      when it is not batch-invariant), so features do not depend on what else is in the batch (HuBERT's
+      GroupNorm, positional convolution and frame mask see the padding otherwise; filterbanks do not).
+The model is read by ``SpeechCLIPPlus.from_pretrained`` (a model file, an exp dir: its best checkpoint, or
+``hf://ORG/NAME[@REVISION]`` from the Hugging Face Hub); this class adds no loading code of its own.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 HIDDEN_KEYS = ("hidden_states", "last_hidden_state")
-OPTIONS: Dict[str, type] = {"per_utterance": bool}
+OPTIONS: Dict[str, tuple] = {"per_utterance": (True, False, "auto")}
 
 
 def read_options(model_config: Optional[str], overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -49,8 +50,10 @@ def read_options(model_config: Optional[str], overrides: Dict[str, Any]) -> Dict
             if key not in OPTIONS:
                 raise ValueError(f"{source}: unknown speechclip_plus upstream option '{key}'; "
                                  f"valid: {', '.join(sorted(OPTIONS))}")
-            if not isinstance(value, OPTIONS[key]):
-                raise ValueError(f"{source}: option '{key}' must be {OPTIONS[key].__name__}, got {value!r}")
+            if not any(value is allowed or (isinstance(allowed, str) and value == allowed)
+                       for allowed in OPTIONS[key]):
+                choices = " | ".join(str(a).lower() for a in OPTIONS[key])
+                raise ValueError(f"{source}: option '{key}' must be {choices}, got {value!r}")
             merged[key] = value
     return merged
 
@@ -62,12 +65,12 @@ class UpstreamExpert(nn.Module):
         super().__init__()
         if not ckpt:
             raise ValueError("speechclip_plus upstream: a model file is required (s3prl: -k /path/model.pt)")
-        if not os.path.exists(ckpt):
+        if not str(ckpt).startswith("hf://") and not os.path.exists(ckpt):
             raise FileNotFoundError(f"speechclip_plus upstream: model file not found: {ckpt}")
         options = read_options(model_config, kwargs)
         from ..api import SpeechCLIPPlus
 
-        per_utterance = bool(options.get("per_utterance", False))
+        per_utterance = options.get("per_utterance", False)
         self.model = SpeechCLIPPlus.from_pretrained(ckpt, per_utterance=per_utterance).model
         self.downsample_rate = int(self.model.upstream.downsample_rate)
 

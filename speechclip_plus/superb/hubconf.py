@@ -2,11 +2,13 @@
 
 Every entry returns an ``UpstreamExpert`` and takes s3prl's keywords ``ckpt``, ``model_config``, ``refresh``
 plus expert options (``per_utterance=True``). Names follow s3prl's convention: ``*_local`` = a file path,
-``*_url`` = a URL downloaded into the torch.hub cache; s3prl's "registered checkpoints" listing skips both.
+``*_url`` = a URL downloaded into the torch.hub cache, ``*_hf`` = ``hf://ORG/NAME[@REVISION]`` from the
+Hugging Face Hub (huggingface_hub's cache and offline mode); s3prl's "registered checkpoints" listing skips
+them. ``speechclip_plus`` takes any of the three.
 
-There are no named entries for the published SpeechCLIP+ checkpoints: those files are PyTorch Lightning
-pickles of the authors' codebase (another module layout and a fairseq HuBERT inside), which this toolkit does
-not read. A model trained and exported here, or hosted at any URL, works through the entries below.
+The published SpeechCLIP / SpeechCLIP+ checkpoints (PyTorch Lightning files of the authors' code) are
+converted once with ``python -m speechclip_plus.bin.import_reference``; the resulting model file works
+through every entry below.
 """
 from __future__ import annotations
 
@@ -62,9 +64,23 @@ def speechclip_plus_url(ckpt: Optional[str] = None, model_config: Optional[str] 
     return UpstreamExpert(cached_download(str(ckpt), refresh), model_config, **kwargs)
 
 
+def speechclip_plus_hf(ckpt: Optional[str] = None, model_config: Optional[str] = None, refresh: bool = False,
+                       **kwargs: Any) -> UpstreamExpert:
+    """Expert from ``hf://ORG/NAME[@REVISION]`` (``refresh=True`` / s3prl ``-r`` downloads again)."""
+    from ..hub import download, is_hub_uri
+
+    if not ckpt or not is_hub_uri(str(ckpt)):
+        raise ValueError(f"speechclip_plus_hf needs ckpt=hf://ORG/NAME[@REVISION], got {ckpt!r}")
+    if refresh:
+        download(str(ckpt), force=True)
+    return UpstreamExpert(str(ckpt), model_config, **kwargs)
+
+
 def speechclip_plus(ckpt: Optional[str] = None, model_config: Optional[str] = None, refresh: bool = False,
                     **kwargs: Any) -> UpstreamExpert:
-    """Expert from a model file given as a local path or an http(s) URL."""
+    """Expert from a model file given as a local path, an http(s) URL or an hf:// address."""
+    if ckpt and str(ckpt).startswith("hf://"):
+        return speechclip_plus_hf(ckpt, model_config, refresh, **kwargs)
     if ckpt and _is_url(str(ckpt)):
         return speechclip_plus_url(ckpt, model_config, refresh, **kwargs)
     return speechclip_plus_local(ckpt, model_config, refresh, **kwargs)
@@ -74,4 +90,5 @@ ENTRIES = {
     "speechclip_plus": speechclip_plus,
     "speechclip_plus_local": speechclip_plus_local,
     "speechclip_plus_url": speechclip_plus_url,
+    "speechclip_plus_hf": speechclip_plus_hf,
 }

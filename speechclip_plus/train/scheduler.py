@@ -1,9 +1,10 @@
-"""Learning-rate schedule: linear warm-up, then linear decay (reference.md §5, ``linear_warmup_decay``).
+"""Learning-rate schedule: linear warm-up, then linear decay, step for step as the SpeechCLIP(+) reference
+(``linear_warmup_decay`` in ``avssl/optim/scheduler.py`` of atosystem/SpeechCLIP, used by every config).
 
 With base rate lr, W = warmup_steps, S = max_steps, f = final_lr and s the number of optimiser steps taken
-(``LambdaLR`` is stepped once per optimiser step, so step s uses lr(s)):
-  lr(s) = lr * (s + 1) / W                                   for s < W   (warm-up from ~0 to lr)
-  lr(s) = lr + (f - lr) * min(1, (s - W) / max(1, S - W))   for s >= W  (linear decay to f at S)
+(``LambdaLR`` is stepped once per optimiser step, so optimiser step s, counted from 0, uses lr(s)):
+  lr(s) = lr * (s + 1) / W                                            for s < W  (warm-up; lr at step W - 1)
+  lr(s) = lr + (f - lr) * min(1, (s + 1 - W) / max(1, S - W))        for s >= W (the last step, S - 1, uses f)
 With W = 0 the warm-up is skipped. Every parameter group is scaled by the same factor lr(s) / lr.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ def warmup_decay_factor(step: int, warmup_steps: int, max_steps: int, lr: float,
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
+    progress = min(1.0, (step + 1 - warmup_steps) / span)
     return (lr + (final_lr - lr) * progress) / lr
 
 

@@ -1,19 +1,26 @@
 """One trainer for every SpeechCLIP variant: optimiser steps, validation, checkpoints, exact resume.
 
 Per optimiser step (``train`` config section):
-- ``accum_grad`` micro-batches, each a length-bucketed global batch (``batch_size`` utterances, at most
-  ``max_batch_seconds`` of padded audio, both over all ranks) split over the ranks, so the result does not
-  depend on the number of processes; loss / accum_grad is back-propagated (DDP syncs gradients on the last
-  micro-batch only). Autocast (``amp``): fp16 with a GradScaler on CUDA, bf16 on a CPU with native bf16,
-  float32 otherwise (``precision.py``).
-- A non-finite loss on any rank (or a non-finite gradient norm without a GradScaler) skips the step: the
-  gradients are dropped, the step counter does not move; ``max_bad_steps`` consecutive skips stop the run
-  (``TrainingDiverged``), leaving the last good checkpoint as it is.
+- ``accum_grad`` micro-batches, each a global batch of ``batch_size`` utterances (a uniform shuffle as the
+  reference, or length-bucketed with ``bucketing``, optionally capped at ``max_batch_seconds`` of padded audio,
+  both over all ranks) split over the ranks, so the result does not depend on the number of processes;
+  loss / accum_grad is back-propagated (DDP syncs gradients on the last micro-batch only). Autocast by
+  ``precision`` (``precision.py``): bf16 where native, fp16 with a GradScaler on older GPUs, else float32.
+- A skipped step: a non-finite loss on any rank or a non-finite gradient norm (bf16/float32), or an fp16 step
+  whose gradients overflowed (the GradScaler skipped it). Its gradients are dropped and neither the step
+  counter nor the LR schedule moves; ``max_bad_steps`` consecutive skips stop the run (``TrainingDiverged``),
+  leaving the last good checkpoint as it is.
 - Gradients are clipped to ``grad_clip`` (their norm is logged either way), then Adam/AdamW and the
-  warm-up/decay schedule (``scheduler.py``) step.
-- Every ``valid_every`` steps and at ``max_steps``: validation (below), then a checkpoint (``checkpoint.py``),
-  then the metrics line. ``best.pt`` follows ``select_metric`` of the retrieval branch (``recall_*`` up,
+  warm-up/decay schedule (``scheduler.py``) step. A step reads one flag back to the host (whether it was
+  skipped); losses and statistics stay on the device until a ``log_every`` step reads them.
+- Validation (below) at the end of every epoch (``valid_every: epoch``, the reference) or every ``valid_every``
+  steps, and at ``max_steps``; then a checkpoint (``checkpoint.py``), then the metrics line. ``best.pt``
+  follows ``select_metric`` of the model's retrieval branch (``model.retrieval_branch``; ``recall_*`` up,
   ``loss`` down; ``<branch>/<metric>`` picks another branch).
+- ``log_grad_norms``: every ``log_every`` steps, the norm of each weighted loss term's gradient with respect
+  to the shared attention block's parameters, and the cosine between the terms' gradients (TensorBoard
+  ``train/grad_norm/<term>``, ``train/grad_cos/<a>~<b>``): how much the branches pull the shared encoder
+  in different directions.
 
 Validation: the valid set, sorted by duration, in global batches of ``valid_batch_size`` (rounded up to a
 multiple of the world size, the last one padded by repeating an utterance when distributed) split over the
@@ -31,7 +38,6 @@ interrupted and resumed run ends with the same weights as an uninterrupted one (
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -59,7 +65,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .precision import autocast, precision_name
+from .precision import amp_dtype, autocast, cpu_has_native_bf16, needs_grad_scaler, precision_name
 from .logging import ScalarWriter, env_info, setup_logger
 from .scheduler import build_scheduler
 
@@ -129,8 +135,8 @@ class Trainer:
         opt_cls = torch.optim.AdamW if tc["optimizer"] == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
         self.scheduler = build_scheduler(self.optimizer, tc["warmup_steps"], tc["max_steps"], tc["final_lr"])
-        self.fp16 = bool(tc["amp"]) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.fp16)
+        self.fp16 = needs_grad_scaler(self.amp_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.fp16)
         self.spm = self._load_spm()
 
         self.step = 0
@@ -149,19 +155,23 @@ class Trainer:
         n_all = sum(p.numel() for p in self.model.parameters())
         self.log.info(f"model: variant {self.raw_model.variant}, branches {self.raw_model.branches}, "
                       f"{n_train:,} trainable of {n_all:,} parameters; retrieval branch "
-                      f"{self.raw_model.retrieval_branch}; {len(self.excluded)} frozen tensors left out of "
-                      "checkpoints")
+                      f"{self.raw_model.retrieval_branch} (selects checkpoints); {len(self.excluded)} frozen "
+                      "tensors left out of checkpoints")
+        if getattr(self.raw_model, "n_fixed", 0) or getattr(self.raw_model, "has_cif", False):
+            if cfg["model"]["clip"]["vocab"] is None:
+                self.log.warning(f"keyword codebook: CLIP's whole vocabulary ({self.raw_model.clip.vocab_size:,} "
+                                 "tokens; model.clip.vocab is null). The reference uses the tokens of the "
+                                 "training captions (recipe stage 3), a codebook ~6x smaller.")
         if self.dist.distributed:
             dev_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.model, device_ids=dev_ids, find_unused_parameters=True)
+            self.model = DistributedDataParallel(self.model, device_ids=dev_ids)  # every parameter gets a gradient
         self.writer = ScalarWriter(os.path.join(self.exp_dir, "tensorboard"), enabled=self.dist.is_main,
                                    purge_step=self.step + 1 if self.step else None)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _check_train_config(self) -> None:
         tc = self.tc
-        for key in ("batch_size", "valid_batch_size", "accum_grad", "max_steps", "valid_every", "log_every",
-                    "max_bad_steps"):
+        for key in ("batch_size", "valid_batch_size", "accum_grad", "max_steps", "log_every", "max_bad_steps"):
             if tc[key] < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {tc[key]}")
         if tc["warmup_steps"] < 0 or tc["num_workers"] < 0 or tc["keep_checkpoints"] < 0:
@@ -186,9 +196,15 @@ class Trainer:
                       f"{tc['batch_size'] * tc['accum_grad']}"
                       + (f" (capped at {tc['max_batch_seconds']} s of audio per batch)"
                          if tc["max_batch_seconds"] else ""))
-        precision = precision_name(self.device, bool(tc["amp"]))
-        self.log.info(f"precision: {precision}"
-                      + (" (train.amp: this CPU has no native bf16)" if tc["amp"] and precision == "float32" else ""))
+        self.amp_dtype = amp_dtype(self.device, tc["precision"])
+        note = ""
+        if self.device.type == "cpu" and not cpu_has_native_bf16():
+            if tc["precision"] == "auto":
+                note = " (this CPU has no native bf16)"
+            elif tc["precision"] == "bf16":
+                note = " (a CPU without native bf16: emulated, many times slower)"
+        self.log.info(f"precision: {precision_name(self.device, tc['precision'])} (train.precision "
+                      f"{tc['precision']}){note}")
         self.log.info(f"seed {tc['seed']} (re-seeded per epoch with seed + 1000 * epoch + rank)")
 
     def _build_data(self) -> None:
@@ -203,6 +219,7 @@ class Trainer:
             self.train_set.durations(), batch_size=tc["batch_size"] // ws,
             max_batch_seconds=tc["max_batch_seconds"] / ws if tc["max_batch_seconds"] else None,
             shuffle=True, seed=tc["seed"], drop_last=True, num_replicas=ws, rank=self.dist.rank,
+            bucketing=tc["bucketing"],
         )
         if len(self.sampler) == 0:
             raise ValueError(f"{tc['train_data']}: {len(self.train_set)} utterances make no complete batch of "
@@ -219,8 +236,16 @@ class Trainer:
         else:
             self.log.warning("no validation data: no validation, no best.pt")
         self.log.info(f"data: train {tc['train_data']} ({len(self.train_set)} utterances, {len(self.sampler)} "
-                      f"batches per epoch), valid {tc.get('valid_data')} "
-                      f"({len(self.valid_set) if self.valid_set is not None else 0} utterances)")
+                      f"batches per epoch, {'length-bucketed' if tc['bucketing'] else 'uniformly shuffled'}), "
+                      f"valid {tc.get('valid_data')} ({len(self.valid_set) if self.valid_set is not None else 0} "
+                      f"utterances, validated {self._cadence()})")
+        self.train_loader = self._loader(self.train_set, self.sampler, tc["seed"])
+        self.valid_loader = (self._loader(self.valid_set, self.valid_plan, tc["seed"])
+                             if self.valid_set is not None else None)
+
+    def _cadence(self) -> str:
+        ve = self.tc["valid_every"]
+        return "at the end of every epoch" if ve == "epoch" else f"every {ve} steps"
 
     def _load_spm(self):
         m = self.cfg["model"]
@@ -304,7 +329,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ batches
     def _autocast(self):
-        return autocast(self.device, bool(self.tc["amp"]))
+        return autocast(self.device, self.amp_dtype)
 
     def _inputs(self, batch: Dict) -> Dict[str, Any]:
         """Model keyword arguments for a collated batch (image indices are dataset-wide, rank-consistent)."""
@@ -319,8 +344,10 @@ class Trainer:
         return kw
 
     def _loader(self, dataset, batch_sampler, seed: int) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
-                          num_workers=self.tc["num_workers"], pin_memory=self.device.type == "cuda",
+        """Built once; its workers persist across epochs (the batch sampler is re-read at every ``iter``)."""
+        workers = self.tc["num_workers"]
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                           generator=torch.Generator().manual_seed(seed))
 
     def _epoch_batches(self) -> Iterator[Dict]:
@@ -330,7 +357,7 @@ class Trainer:
             self.batches_done = 0
         self._resumed = False
         self.sampler.set_epoch(self.epoch)  # after load_state_dict: continues at batch ``batches_done``
-        yield from self._loader(self.train_set, self.sampler, self.tc["seed"] * 1000 + self.epoch)
+        yield from self.train_loader
 
     # ------------------------------------------------------------------------------------------ training
     def fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
@@ -344,6 +371,7 @@ class Trainer:
         bar = self._progress_bar()
         window: List[Dict] = []
         bad_in_row = 0
+        valid_pending = False  # an epoch ended inside an accumulation window: validate after its step
         self.model.train()
         try:
             while self.step < tc["max_steps"]:
@@ -353,7 +381,8 @@ class Trainer:
                 for batch in self._epoch_batches():
                     self.batches_done += 1
                     sync = len(window) + 1 == tc["accum_grad"]
-                    window.append(self._forward_backward(batch, sync))
+                    grad_stats = tc["log_grad_norms"] and not window and self._logs_at(self.step + 1)
+                    window.append(self._forward_backward(batch, sync, grad_stats))
                     if not sync:
                         continue
                     ok, grad_norm = self._optimizer_step(window)
@@ -361,27 +390,32 @@ class Trainer:
                     if not ok:
                         bad_in_row += 1
                         self.total_bad_steps += 1
-                        self.log.warning(f"non-finite loss at step {self.step + 1} (epoch {self.epoch}): step "
-                                         f"skipped ({bad_in_row} in a row, {self.total_bad_steps} in total)")
+                        self.log.warning(f"step {self.step + 1} (epoch {self.epoch}) skipped: "
+                                         + ("fp16 gradients overflowed" if self.fp16 else "non-finite loss or "
+                                            "gradient") + f" ({bad_in_row} in a row, {self.total_bad_steps} in total)")
                         if bad_in_row >= tc["max_bad_steps"]:
                             steps = self.ckpt.steps()
                             last = (f"{self.ckpt.last} (step {steps[-1] if steps else '?'})"
                                     if os.path.exists(self.ckpt.last) else "none (no checkpoint written yet)")
                             raise TrainingDiverged(
-                                f"stopping: {bad_in_row} consecutive optimiser steps had a non-finite loss "
-                                f"(train.max_bad_steps={tc['max_bad_steps']}); last good checkpoint: {last}")
+                                f"stopping: {bad_in_row} consecutive optimiser steps were skipped (non-finite loss "
+                                f"or gradients; train.max_bad_steps={tc['max_bad_steps']}); last good checkpoint: "
+                                f"{last}")
                         continue
                     bad_in_row = 0
                     self.step += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
-                    if self.step % tc["log_every"] == 0 or self.step == tc["max_steps"]:
-                        self._log_train(stats)
-                    if self.step % tc["valid_every"] == 0 or self.step == tc["max_steps"]:
+                    if self._logs_at(self.step):
+                        values = self._log_train(stats)
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", refresh=False)
+                    end_of_epoch = self.batches_done == len(self.sampler) or valid_pending
+                    if self._validates_at(self.step, end_of_epoch):
                         last_metrics = self._validate_and_save()
+                        valid_pending = False
                     if self.step >= tc["max_steps"] or (stop_after is not None and self.step >= stop_after):
                         break
                 else:
+                    valid_pending = valid_pending or (bool(window) and tc["valid_every"] == "epoch")
                     self.epoch += 1
                     self.batches_done = 0
                     continue
@@ -393,62 +427,104 @@ class Trainer:
                       f"best {self.best['metric']} = {self.best['value']} at step {self.best['step']}")
         return {"step": self.step, "epoch": self.epoch, "best": dict(self.best), "metrics": last_metrics}
 
+    def _logs_at(self, step: int) -> bool:
+        return step % self.tc["log_every"] == 0 or step == self.tc["max_steps"]
+
+    def _validates_at(self, step: int, end_of_epoch: bool) -> bool:
+        ve = self.tc["valid_every"]
+        return step == self.tc["max_steps"] or (end_of_epoch if ve == "epoch" else step % ve == 0)
+
     def _progress_bar(self):
         from tqdm import tqdm
 
         return tqdm(total=self.tc["max_steps"], initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not (self.progress and self.dist.is_main), mininterval=1.0)
 
-    def _forward_backward(self, batch: Dict, sync: bool) -> Dict:
-        """One micro-batch: forward, loss / accum_grad backward. Returns its loss, terms and size."""
+    def _forward_backward(self, batch: Dict, sync: bool, grad_stats: bool = False) -> Dict:
+        """One micro-batch: forward, loss / accum_grad backward. Returns its loss and terms (device tensors), its
+        size and, with ``grad_stats``, the per-term gradient statistics (``_term_gradients``)."""
         kw = self._inputs(batch)
         no_sync = self.model.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
         with no_sync:
             with self._autocast():
                 out = self.model(**kw)
             loss = out["loss"]
+            terms = dict(out["terms"])
+            if grad_stats:
+                terms.update(self._term_gradients(out["weighted"]))
             self.scaler.scale(loss / self.tc["accum_grad"]).backward()
-        return {"loss": float(loss.detach()), "terms": out["terms"], "n": len(kw["wav_len"])}
+        return {"loss": loss.detach(), "terms": terms, "n": len(kw["wav_len"])}
+
+    def _term_gradients(self, weighted: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Norm of each weighted loss term's gradient w.r.t. the shared attention block's parameters, and the
+        cosine between every two terms' gradients (``grad_norm/<term>``, ``grad_cos/<a>~<b>``)."""
+        params = [p for p in self.raw_model.encoder.parameters() if p.requires_grad]
+        scale = self.scaler.get_scale() if self.fp16 else 1.0
+        flat = {}
+        for name, term in weighted.items():
+            grads = torch.autograd.grad(term * scale, params, retain_graph=True, allow_unused=True)
+            flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                                    for g, p in zip(grads, params)]) / scale
+        out = {f"grad_norm/{name}": g.norm() for name, g in flat.items()}
+        names = list(flat)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                out[f"grad_cos/{a}~{b}"] = nn.functional.cosine_similarity(flat[a], flat[b], dim=0)
+        return out
 
     def _optimizer_step(self, window: List[Dict]):
-        """Clip and step if every micro-batch of the window had a finite loss on every rank."""
-        finite = torch.tensor([float(all(math.isfinite(w["loss"]) for w in window))], device=self.device)
-        D.all_reduce_tensor(finite, "min")
+        """Clip and step unless the step must be skipped (see the module docstring); one host read.
+
+        Returns (stepped, gradient norm as a 0-d tensor)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if finite.item() < 1:
-            self.optimizer.zero_grad(set_to_none=True)
-            return False, float("nan")
         self.scaler.unscale_(self.optimizer)
         clip = self.tc["grad_clip"]
-        norm = float(nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf")))
-        if not math.isfinite(norm) and not self.fp16:
-            self.optimizer.zero_grad(set_to_none=True)
-            return False, norm
+        norm = nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+        finite = torch.stack([torch.isfinite(w["loss"]) for w in window]).all()
+        if not self.fp16:  # fp16: the GradScaler finds and skips non-finite gradients itself
+            finite = finite & torch.isfinite(norm)
+        flag = D.all_reduce_tensor(finite.float().reshape(1), "min")
         self._lr = self.scheduler.get_last_lr()[0]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        if self.fp16:
+            ok = flag.item() == 1
+            if ok:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
+                ok = None
+            self.scaler.update()
+            if ok is None:
+                ok = self.scaler.get_scale() >= scale  # the scaler lowers its scale when it skips a step
+        else:
+            ok = flag.item() == 1
+            if ok:
+                self.optimizer.step()
+        if ok:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return True, norm
+        return ok, norm.detach()
 
-    def _window_stats(self, window: List[Dict], grad_norm: float) -> Dict[str, float]:
+    def _window_stats(self, window: List[Dict], grad_norm: torch.Tensor) -> Dict[str, Any]:
+        """Utterance-weighted means over the window's micro-batches (device tensors; nothing read yet)."""
         n = sum(w["n"] for w in window)
-        stats = {"loss": sum(w["loss"] * w["n"] for w in window) / n}
-        for key in window[0]["terms"]:
-            stats[key] = sum(w["terms"][key] * w["n"] for w in window) / n
+        stats: Dict[str, Any] = {"loss": sum(w["loss"].double() * w["n"] for w in window) / n}
+        for key in window[0]["terms"]:  # gradient statistics come from the first micro-batch only
+            parts = [(w["terms"][key].double(), w["n"]) for w in window if key in w["terms"]]
+            stats[key] = sum(v * k for v, k in parts) / sum(k for _, k in parts)
         stats["grad_norm"] = grad_norm
         stats["lr"] = getattr(self, "_lr", self.scheduler.get_last_lr()[0])
         stats["utterances"] = n
         return stats
 
-    def _log_train(self, stats: Dict[str, float]) -> None:
-        """Average the step's statistics over ranks (utterance-weighted), log and write scalars."""
+    def _log_train(self, stats: Dict[str, Any]) -> Dict[str, float]:
+        """Average the step's statistics over ranks (utterance-weighted), log and write scalars; returns them."""
         keys = [k for k in stats if k not in ("grad_norm", "lr", "utterances")]
         n = float(stats["utterances"])
-        t = torch.tensor([stats[k] * n for k in keys] + [n], dtype=torch.float64, device=self.device)
+        t = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64).to(self.device) * n for k in keys]
+                        + [torch.tensor(n, dtype=torch.float64, device=self.device)])
         D.all_reduce_tensor(t, "sum")
-        values = {k: float(t[i] / t[-1]) for i, k in enumerate(keys)}
-        values.update(grad_norm=stats["grad_norm"], lr=stats["lr"], epoch=float(self.epoch))
+        host = t.tolist()
+        values = {k: host[i] / host[-1] for i, k in enumerate(keys)}
+        values.update(grad_norm=float(stats["grad_norm"]), lr=stats["lr"], epoch=float(self.epoch))
         now = time.time()
         if hasattr(self, "_last_log"):
             t0, s0 = self._last_log
@@ -458,6 +534,7 @@ class Trainer:
         self.log.info(f"step {self.step}/{self.tc['max_steps']} epoch {self.epoch}: "
                       + " ".join(f"{k} {v:.4g}" for k, v in values.items()))
         self.writer.scalars(values, self.step, prefix="train/")
+        return values
 
     # ------------------------------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -472,13 +549,12 @@ class Trainer:
         sums: Dict[str, float] = {}
         local: Dict[str, Any] = {"index": [], "emb": {b: [] for b in branches}}
         try:
-            loader = self._loader(self.valid_set, self.valid_plan, self.tc["seed"])
-            for batch, idx in zip(loader, self.valid_plan):
+            for batch, idx in zip(self.valid_loader, self.valid_plan):
                 with self._autocast():
                     out = model(**self._inputs(batch))
                 n = float(len(idx))
-                for k, v in [("loss", float(out["loss"]))] + list(out["terms"].items()):
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
+                for k, v in [("loss", out["loss"])] + list(out["terms"].items()):
+                    sums[k] = sums.get(k, 0.0) + v.detach().double() * n
                 sums["_n"] = sums.get("_n", 0.0) + n
                 local["index"].extend(idx)
                 for b in branches:
@@ -486,7 +562,7 @@ class Trainer:
         finally:
             model.train(was_training)
         keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64).to(self.device) for k in keys])
         D.all_reduce_tensor(t, "sum")
         total = dict(zip(keys, t.tolist()))
         metrics = {k: v / total["_n"] for k, v in total.items() if k != "_n"}

@@ -14,7 +14,7 @@ eval_group_size=1                 # dev/test images in groups of N near-identica
 image_size=64                     # image side in pixels (must match conf/clip_mini.json)
 seed=0                            # everything generated is a function of the seed
 nj=2                              # synthesis worker processes
-python=python3                    # interpreter (with numpy, Pillow, soundfile, torch, torchaudio, tqdm)
+python=""                         # interpreter; empty: the one ../../TEMPLATE/path.sh finds
 
 help_message=$(cat <<EOF
 Usage: $0 [options]
@@ -46,6 +46,9 @@ while [ $# -gt 0 ]; do
     *) echo "$0: unknown argument: $1" >&2; echo "$help_message" >&2; exit 2 ;;
   esac
 done
+
+# shellcheck disable=SC1091
+. "$(dirname "$0")/../../TEMPLATE/path.sh"
 
 command -v espeak-ng >/dev/null || { echo "$0: espeak-ng not found (apt-get install espeak-ng)" >&2; exit 1; }
 

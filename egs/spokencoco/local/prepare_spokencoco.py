@@ -23,40 +23,43 @@ Output per set: data/<set>/{wav.scp,text,utt2spk,spk2utt,utt2img,img.scp}, absol
   speaker id    the caption's "speaker" field (else the wav name up to the first "-")
   image id      the image name without .jpg, e.g. COCO_val2014_000000325114 (unique across train2014/val2014)
   text          the caption, lower-cased (as the reference), whitespace collapsed
-Each set goes to a temporary directory renamed into place. Entries that cannot be used are skipped and counted
-(image outside the split, image or wav file not found, empty caption); the counts go to stdout and
-data/local/spokencoco_prep.json. Exit 1 with a message naming what to download and which variable to set
-when a part of the corpus is missing.
+
+Nothing is left out silently (``speechclip_plus.data.corpus``). No known quirk of the distribution leaves
+anything out (see KNOWN QUIRKS below), so data/local/skipped.tsv lists nothing; anything that would leave out an
+utterance, image or caption stops with exit 1 and one line per problem (``<file>: <entry>: <item>: <what and
+what to do>``), unless ``--skip_bad true``, which lists each excluded item in data/<set>/excluded.txt
+(data/local/excluded.txt for an item of no set). Faults: a wav missing, unreadable or empty; an image missing
+or not decodable; an empty caption; a caption without text; an image outside the split; an image of the
+Karpathy split without any spoken caption; a repeated utterance id; an image given two sets; a json file that
+is not valid UTF-8 (or --encoding: a json file cannot be read in part, so this one stops even with
+--skip_bad). An entry without the fields used is an error in any case. Wavs and images are checked in --nj
+processes. Exit 1 with a message naming what to download and which variable to set when a part of the corpus
+is missing.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
-import shutil
 import sys
-from collections import Counter
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
-from speechclip_plus.data.datadir import write_data_dir
-from speechclip_plus.io import atomic_write_text
+from speechclip_plus.data.corpus import CorpusWriter, add_arguments
+from speechclip_plus.data.datadir import DataError
 
 SETS = ("train", "dev", "test")
 KARPATHY_TO_SET = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 KSPLIT_FILES = {"train": "SpokenCOCO_ksplit_train.json", "dev": "SpokenCOCO_ksplit_val.json",
                 "test": "SpokenCOCO_ksplit_test.json"}
 ORIGINAL_FILES = ("SpokenCOCO_train.json", "SpokenCOCO_val.json")
-SKIP_REASONS = (  # what is left out, counted in data/local/spokencoco_prep.json
-    "images_not_in_karpathy_split",  # SpokenCOCO images that dataset_coco.json does not list
-    "utterances_of_images_not_in_split",
-    "karpathy_images_without_speech",  # dataset_coco.json images with no SpokenCOCO entry
-    "images_not_found",  # image file missing under MSCOCO
-    "utterances_of_images_not_found",
-    "wavs_not_found",
-    "empty_captions",
-)
+
+# KNOWN QUIRKS of the distribution: none leaves anything out, so nothing is skipped. The specifics handled here
+# change no item: the Karpathy split (caption_datasets.zip, dataset_coco.json) names all 123,287 COCO 2014
+# images (82,783 train2014 + 40,504 val2014) as train 113,287 (its "train" + "restval"), val 5,000 and test
+# 5,000, while SpokenCOCO's own two json files follow COCO's folders; COCO images have 4 to 7 captions, and
+# SpokenCOCO speaks a varying number of them; SpokenCOCO stores the text in capitals; the reference's
+# SpokenCOCO_ksplit_*.json files carry a "reassign_id" that is not needed.
 
 DOWNLOAD_SPOKENCOCO = """\
 SpokenCOCO was not found ({what}).
@@ -99,10 +102,22 @@ def find_spokencoco_dir(root: str) -> str:
         what=f"no {' / '.join(ORIGINAL_FILES)} in {root}/SpokenCOCO or {root}"))
 
 
-def load_json(path: str) -> dict:
+def load_json(path: str, encoding: str = "utf-8") -> dict:
+    """The json object in ``path``; a file that is not valid ``encoding`` or not JSON is a ``FormatError``
+    naming the line (a json file cannot be read in part, so ``--skip_bad`` does not help here)."""
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        label = "UTF-8" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+        near = raw[max(0, e.start - 30):e.start + 10].decode(encoding, "replace")
+        raise FormatError(f"{path}:{line}: not valid {label} (bad byte at column {column}, in {near!r}): correct "
+                          "the file, or pass --encoding with its encoding") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if not isinstance(data, dict):
@@ -110,26 +125,39 @@ def load_json(path: str) -> dict:
     return data
 
 
-def karpathy_splits(path: str) -> Dict[str, str]:
-    """``{image file name: set}`` from dataset_coco.json (train/restval -> train, val -> dev, test -> test)."""
-    data = load_json(path)
-    images = data.get("images")
-    if not isinstance(images, list):
-        raise FormatError(f"{path}: no 'images' list (is this the Karpathy dataset_coco.json?)")
-    out: Dict[str, str] = {}
-    for k, img in enumerate(images):
-        if not isinstance(img, dict) or "filename" not in img or "split" not in img:
-            raise FormatError(f"{path}: images[{k}]: needs 'filename' and 'split'")
-        if img["split"] not in KARPATHY_TO_SET:
-            raise FormatError(f"{path}: images[{k}] ({img['filename']}): unknown split {img['split']!r}; "
-                              f"expected one of {', '.join(KARPATHY_TO_SET)}")
-        out[os.path.basename(img["filename"])] = KARPATHY_TO_SET[img["split"]]
-    return out
+class Split:
+    """The Karpathy split of ``dataset_coco.json``: ``set_of[file name]``, ``where[file name]`` (``path:
+    images[k]``), ``path_of[file name]`` (``<folder>/<file name>``) and ``twice[file name]`` (``(where,
+    problem)``: the image has two splits)."""
+
+    def __init__(self, path: str, encoding: str = "utf-8"):
+        images = load_json(path, encoding).get("images")
+        if not isinstance(images, list):
+            raise FormatError(f"{path}: no 'images' list (is this the Karpathy dataset_coco.json?)")
+        self.set_of: Dict[str, str] = {}
+        self.where: Dict[str, str] = {}
+        self.path_of: Dict[str, str] = {}
+        self.twice: Dict[str, Tuple[str, str]] = {}
+        for k, img in enumerate(images):
+            if not isinstance(img, dict) or "filename" not in img or "split" not in img:
+                raise FormatError(f"{path}: images[{k}]: needs 'filename' and 'split'")
+            if img["split"] not in KARPATHY_TO_SET:
+                raise FormatError(f"{path}: images[{k}] ({img['filename']}): unknown split {img['split']!r}; "
+                                  f"expected one of {', '.join(KARPATHY_TO_SET)}")
+            name, dset = os.path.basename(img["filename"]), KARPATHY_TO_SET[img["split"]]
+            if name in self.set_of and self.set_of[name] != dset:
+                problem = f"also in the {self.set_of[name]} set ({self.where[name]}): an image belongs to one split"
+                self.twice.setdefault(name, (f"{path}: images[{k}]", problem))
+            self.set_of.setdefault(name, dset)
+            self.where.setdefault(name, f"{path}: images[{k}]")
+            folder = img.get("filepath") or name.split("_")[1]  # COCO_<folder>_<id>.jpg
+            self.path_of.setdefault(name, f"{folder}/{name}")
 
 
-def entries(path: str) -> Iterable[Tuple[str, dict]]:
-    """(``path: data[k]`` label, entry) of a SpokenCOCO json, checking the fields used."""
-    data = load_json(path).get("data")
+def entries(path: str, encoding: str = "utf-8") -> Iterable[Tuple[str, dict]]:
+    """(``path: data[k]`` label, entry) of a SpokenCOCO json, checking the fields used (a caption's text may
+    be missing: that is a fault of its utterance, not of the file)."""
+    data = load_json(path, encoding).get("data")
     if not isinstance(data, list):
         raise FormatError(f"{path}: no 'data' list (is this a SpokenCOCO json?)")
     for k, entry in enumerate(data):
@@ -138,8 +166,9 @@ def entries(path: str) -> Iterable[Tuple[str, dict]]:
                 or not isinstance(entry.get("captions"), list):
             raise FormatError(f"{where}: needs 'image' (string) and 'captions' (list)")
         for j, cap in enumerate(entry["captions"]):
-            if not isinstance(cap, dict) or not all(isinstance(cap.get(k), str) for k in ("wav", "text")):
-                raise FormatError(f"{where}.captions[{j}]: needs 'wav' and 'text' strings")
+            if not isinstance(cap, dict) or not isinstance(cap.get("wav"), str) \
+                    or not isinstance(cap.get("text", ""), (str, type(None))):
+                raise FormatError(f"{where}.captions[{j}]: needs a 'wav' string and a 'text' string")
         yield where, entry
 
 
@@ -152,11 +181,9 @@ def speaker_and_utt(cap: dict) -> Tuple[str, str]:
     return spk, re.sub(r"\s+", "_", utt)
 
 
-def prepare(spokencoco: str, mscoco: str, karpathy_split: Optional[str], split_source: str = "auto"
-            ) -> Tuple[Dict[str, dict], Dict[str, int], str]:
-    """Tables ``{set: {wav, text, utt2spk, utt2img, img}}``, skipped counts, and the split source used."""
-    sc_dir = os.path.abspath(find_spokencoco_dir(spokencoco))
-    mscoco = os.path.abspath(mscoco)
+def resolve_split_source(sc_dir: str, mscoco: str, karpathy_split: Optional[str], split_source: str) -> str:
+    """``karpathy`` or ``ksplit`` (``auto``: dataset_coco.json when it exists); ``CorpusMissing`` names what is
+    missing."""
     have_karpathy = bool(karpathy_split) and os.path.isfile(karpathy_split)
     have_ksplit = all(os.path.isfile(os.path.join(sc_dir, f)) for f in KSPLIT_FILES.values())
     if split_source == "auto":
@@ -174,83 +201,80 @@ def prepare(spokencoco: str, mscoco: str, karpathy_split: Optional[str], split_s
     for sub in ("train2014", "val2014"):
         if not os.path.isdir(os.path.join(mscoco, sub)):
             raise CorpusMissing(DOWNLOAD_MSCOCO.format(what=f"MSCOCO={mscoco}: no {sub}/ folder"))
+    return split_source
 
+
+def prepare(spokencoco: str, mscoco: str, karpathy_split: Optional[str], writer: CorpusWriter,
+            split_source: str = "auto", encoding: str = "utf-8") -> Dict[str, str]:
+    """Hand the corpus to ``writer`` (images, utterances, faults); returns the facts for the summary file,
+    among them the split source used."""
+    sc_dir = os.path.abspath(find_spokencoco_dir(spokencoco))
+    mscoco = os.path.abspath(mscoco)
+    split_source = resolve_split_source(sc_dir, mscoco, karpathy_split, split_source)
+    info = {"spokencoco": os.path.abspath(spokencoco), "mscoco": mscoco, "split_source": split_source}
     if split_source == "karpathy":
-        split_of = karpathy_splits(karpathy_split)
+        split = Split(karpathy_split, encoding)
+        info["karpathy_split"] = os.path.abspath(karpathy_split)
         sources = [(os.path.join(sc_dir, f), None) for f in ORIGINAL_FILES]
     else:
-        split_of = None
+        split = None
         sources = [(os.path.join(sc_dir, f), s) for s, f in KSPLIT_FILES.items()]
+    listed = [(where, entry, fixed) for path, fixed in sources for where, entry in entries(path, encoding)]
 
-    skipped: Counter = Counter({reason: 0 for reason in SKIP_REASONS})
-    tables = {s: {"wav": {}, "text": {}, "utt2spk": {}, "utt2img": {}, "img": {}} for s in SETS}
-    first_seen: Dict[str, str] = {}
-    seen_images = set()
-    for path, fixed_set in sources:
-        for where, entry in entries(path):
+    set_of: Dict[str, str] = {}
+    twice: Dict[str, Tuple[str, str]] = {}
+    if split is not None:
+        set_of, twice = split.set_of, split.twice
+    else:  # the ksplit files: an image in two of them belongs to neither
+        first: Dict[str, str] = {}
+        for where, entry, fixed in listed:
             name = os.path.basename(entry["image"])
-            seen_images.add(name)
-            dset = fixed_set if split_of is None else split_of.get(name)
-            if dset is None:
-                skipped["images_not_in_karpathy_split"] += 1
-                skipped["utterances_of_images_not_in_split"] += len(entry["captions"])
-                continue
-            image_path = os.path.join(mscoco, entry["image"])
-            if not os.path.isfile(image_path):
-                skipped["images_not_found"] += 1
-                skipped["utterances_of_images_not_found"] += len(entry["captions"])
-                continue
-            image_id = os.path.splitext(name)[0]
-            t = tables[dset]
-            for j, cap in enumerate(entry["captions"]):
+            if name in set_of and set_of[name] != fixed:
+                twice.setdefault(name, (where, f"also in the {set_of[name]} set ({first[name]}): an image belongs "
+                                               "to one split"))
+            set_of.setdefault(name, fixed)
+            first.setdefault(name, where)
+    for name, (at, problem) in twice.items():
+        writer.fault(name, problem, at)
+
+    seen = set()
+    for where, entry, _ in listed:
+        name = os.path.basename(entry["image"])
+        seen.add(name)
+        dset = None if name in twice else set_of.get(name)
+        image_id = os.path.splitext(name)[0]
+        image_path = os.path.join(mscoco, entry["image"])
+        known = writer.images[dset].get(image_id) if dset else None
+        if name in twice:
+            problem = f"its image {name} is in two splits (see that line)"
+        elif dset is None:
+            problem = (f"its image {name} is not in the Karpathy split ({karpathy_split}): the split file or the "
+                       "SpokenCOCO json is not the official one")
+        elif known and known[0] != image_path:
+            problem = f"its image {image_id} is also given as {known[0]} ({known[1]}): keep one path"
+        else:
+            problem = None
+            writer.add_image(dset, image_id, image_path, where)
+        for j, cap in enumerate(entry["captions"]):
+            at = f"{where}.captions[{j}]"
+            spk, utt = speaker_and_utt(cap)
+            if problem:
+                writer.fault(utt, problem, at, dset)
+            elif cap.get("text") is None:
+                writer.fault(utt, "no transcription: the caption has no 'text'; restore the official SpokenCOCO "
+                                  "json", at, dset)
+            else:
                 text = " ".join(cap["text"].lower().split())
-                wav_path = os.path.join(sc_dir, cap["wav"])
-                if not text:
-                    skipped["empty_captions"] += 1
-                    continue
-                if not os.path.isfile(wav_path):
-                    skipped["wavs_not_found"] += 1
-                    continue
-                spk, utt = speaker_and_utt(cap)
-                if utt in first_seen:
-                    raise FormatError(f"{where}.captions[{j}]: utterance {utt} ({cap['wav']}) already seen at "
-                                      f"{first_seen[utt]}")
-                first_seen[utt] = f"{where}.captions[{j}]"
-                t["wav"][utt] = wav_path
-                t["text"][utt] = text
-                t["utt2spk"][utt] = spk
-                t["utt2img"][utt] = image_id
-                t["img"][image_id] = image_path
-    if split_of is None:
-        for reason in ("images_not_in_karpathy_split", "utterances_of_images_not_in_split",
-                       "karpathy_images_without_speech"):
-            del skipped[reason]
-    else:
-        skipped["karpathy_images_without_speech"] = len(set(split_of) - seen_images)
-    return tables, {k: v for k, v in sorted(skipped.items())}, split_source
+                writer.add_utterance(dset, utt, os.path.join(sc_dir, cap["wav"]), text, spk, image_id, at)
+    if split is not None:
+        for name in sorted(set(split.set_of) - seen - set(twice)):
+            writer.fault(os.path.splitext(name)[0], f"image of the Karpathy {split.set_of[name]} split without any "
+                                                    "spoken caption: SpokenCOCO_{train,val}.json are not complete",
+                         split.where[name], split.set_of[name])
+    return info
 
 
-def write_set(out_dir: str, name: str, table: dict) -> None:
-    """Write data dir ``out_dir/name`` through a temporary directory renamed into place.
-
-    Leftovers of an interrupted earlier run (``.<name>.tmp<pid>``, ``.<name>.old<pid>``) are removed first.
-    """
-    final = os.path.join(out_dir, name)
-    for stale in glob.glob(os.path.join(glob.escape(out_dir), f".{glob.escape(name)}.tmp*")) + \
-            glob.glob(os.path.join(glob.escape(out_dir), f".{glob.escape(name)}.old*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
-    write_data_dir(tmp, table["wav"], table["text"], table["utt2spk"], table["utt2img"], table["img"])
-    old = None
-    if os.path.exists(final):
-        old = os.path.join(out_dir, f".{name}.old{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old:
-        shutil.rmtree(old)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spokencoco", required=True, help="where SpokenCOCO.tar.gz was unpacked ($SPOKENCOCO)")
     parser.add_argument("--mscoco", required=True, help="folder holding train2014/ and val2014/ ($MSCOCO)")
@@ -258,35 +282,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--split_source", default="auto", choices=["auto", "karpathy", "ksplit"],
                         help="auto: dataset_coco.json when it exists, else SpokenCOCO_ksplit_*.json")
     parser.add_argument("--out_dir", default="data", help="parent of the data dirs")
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    writer = CorpusWriter(SETS, skip_bad=args.skip_bad)
     try:
-        tables, skipped, source = prepare(args.spokencoco, args.mscoco, args.karpathy_split, args.split_source)
-    except (CorpusMissing, FormatError, OSError) as e:
+        info = prepare(args.spokencoco, args.mscoco, args.karpathy_split, writer, args.split_source, args.encoding)
+        print(f"split source: {info['split_source']}")
+        writer.check_media(args.nj, audio_fix="restore it from SpokenCOCO.tar.gz",
+                           image_fix="restore it from train2014.zip / val2014.zip")
+        writer.write(args.out_dir, "spokencoco_prep.json", info)
+    except (CorpusMissing, FormatError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for name in SETS:
-        if not tables[name]["wav"]:
-            print(f"error: no usable utterance for the {name} set (split source {source}; skipped: {skipped})",
-                  file=sys.stderr)
-            return 1
-    os.makedirs(args.out_dir, exist_ok=True)
-    summary = {"spokencoco": os.path.abspath(args.spokencoco), "mscoco": os.path.abspath(args.mscoco),
-               "split_source": source, "sets": {}, "skipped": skipped}
-    if source == "karpathy":
-        summary["karpathy_split"] = os.path.abspath(args.karpathy_split)
-    print(f"split source: {source}")
-    for name in SETS:
-        t = tables[name]
-        write_set(args.out_dir, name, t)
-        summary["sets"][name] = {"utterances": len(t["wav"]), "images": len(t["img"]),
-                                 "speakers": len(set(t["utt2spk"].values()))}
-        print(f"{os.path.join(args.out_dir, name)}: {len(t['wav'])} utterances, {len(t['img'])} images, "
-              f"{summary['sets'][name]['speakers']} speakers")
-    for reason, count in skipped.items():
-        if count:
-            print(f"skipped: {count} {reason.replace('_', ' ')}")
-    atomic_write_text(os.path.join(args.out_dir, "local", "spokencoco_prep.json"),
-                      json.dumps(summary, indent=1) + "\n")
     return 0
 
 
