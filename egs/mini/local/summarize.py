@@ -154,19 +154,40 @@ def read_json(path: str) -> Optional[Dict]:
             raise SystemExit(f"{path}: not valid JSON ({e}); rerun the stage that writes it") from None
 
 
+def test_image_embeds(exp: str) -> Optional[str]:
+    """The test set's image-embedding list beside the training one the run used (``train.image_embeds`` of
+    <exp>/config.yaml: <cache>/train/img_embed.scp -> <cache>/test/img_embed.scp), or None without a config."""
+    config = os.path.join(exp, "config.yaml")
+    if not os.path.isfile(config):
+        return None
+    import yaml
+
+    with open(config, encoding="utf-8") as f:
+        train_scp = ((yaml.safe_load(f) or {}).get("train") or {}).get("image_embeds")
+    if not train_scp:
+        raise SystemExit(f"{config}: no train.image_embeds; cannot find the test images' embeddings")
+    scp = os.path.join(os.path.dirname(os.path.dirname(train_scp)), "test", "img_embed.scp")
+    if not os.path.isabs(scp):
+        scp = os.path.join(RECIPE, scp)
+    if not os.path.isfile(scp):
+        raise SystemExit(f"{config}: train.image_embeds is {train_scp}, but {scp} does not exist (stage 3 not run "
+                         "for the test set?)")
+    return scp
+
+
 def score_untrained(exp: str) -> Optional[Dict]:
     """results.json of the run's untrained model on the test set (scored here once, in this process)."""
     out = os.path.join(exp, "test_untrained")
     res = read_json(os.path.join(out, "results.json"))
     if res is not None:
         return res
-    scp = sorted(glob.glob(os.path.join(RECIPE, "dump", "clip_*", "test", "img_embed.scp")))
-    if not scp or not os.path.isfile(os.path.join(exp, "config.yaml")):
+    scp = test_image_embeds(exp)
+    if scp is None:
         return None
     from speechclip_plus.bin import score
 
     rc = score.main(["--exp_dir", exp, "--data_dir", os.path.join(RECIPE, "data", "test"), "--image_embeds",
-                     scp[0], "--out_dir", out, "--untrained", "--num_plots", "0", "--no_progress"])
+                     scp, "--out_dir", out, "--untrained", "--num_plots", "0", "--no_progress"])
     if rc != 0:
         raise SystemExit(f"scoring the untrained model of {exp} failed (exit {rc})")
     return read_json(os.path.join(out, "results.json"))
@@ -200,6 +221,27 @@ def grad_norms(exp: str) -> Dict[str, List[Tuple[int, float]]]:
     prefix = "train/grad_norm/"
     return {tag[len(prefix):]: [(e.step, e.value) for e in acc.Scalars(tag)]
             for tag in acc.Tags().get("scalars", []) if tag.startswith(prefix)}
+
+
+def word_emission(jsonl: str) -> Dict[str, Tuple[int, int]]:
+    """Per spoken word w of stage 5's keywords.jsonl: (utterances whose transcription has w, those of them with a
+    whole-word keyword equal to w); words as ``speechclip_plus.eval.keywords.normalize_words`` splits them."""
+    from speechclip_plus.eval.keywords import WORD_END, normalize_words
+
+    counts: Dict[str, List[int]] = {}
+    with open(jsonl, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                words, keywords = set(normalize_words(rec["text"])), rec["keywords"]
+                emitted = {k["token"][:-len(WORD_END)] for k in keywords if k["token"].endswith(WORD_END)}
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"{jsonl}:{lineno}: not a keyword record ({e!r})") from None
+            for w in words:
+                c = counts.setdefault(w, [0, 0])
+                c[0] += 1
+                c[1] += w in emitted
+    return {w: (n, hit) for w, (n, hit) in counts.items()}
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -408,6 +450,30 @@ def main(argv=None) -> int:
                     continue
                 bar(label, value, 5 * base)
     lines += ["", "## Quality bars", ""] + table(("bar", "value", "needed", ""), bar_rows)
+
+    if "hplus" in runs:
+        rs = list(results["hplus"].values())
+        cover = mean_or_none([lookup(r, ("keywords", "word_coverage")) for r in rs])
+        repeat = mean_or_none([lookup(r, ("keywords", "adjacent_repeat_rate")) for r in rs])
+        goals = [["word coverage ≥ 50 %", pct([cover]), "met" if cover is not None and cover >= 0.5 else "not met"],
+                 ["adjacent repeats ≤ 15 %", pct([repeat]),
+                  "met" if repeat is not None and repeat <= 0.15 else "not met"]]
+        lines += ["", "## h+ keywords: the goal of covering the spoken words", "",
+                  "A goal, not a bar (not counted by `--check_bars`): h+ keywords that name at least half of their "
+                  "caption's distinct words, with at most 15 % of keywords repeating the previous one. Mean over "
+                  "seeds.", ""]
+        lines += table(("goal", "h+", ""), goals)
+        jsonl = f"exp/mini_hplus_seed{seeds[0]}/test/keywords.jsonl"
+        if os.path.isfile(jsonl):
+            emission = word_emission(jsonl)
+            ranked = sorted(emission.items(), key=lambda kv: (kv[1][1] / kv[1][0], -kv[1][0], kv[0]))
+            lines += ["", f"Which spoken words the keywords name (seed {seeds[0]}; share of the test utterances "
+                      "saying the word whose keywords include it as a whole word):", ""]
+            lines += [", ".join(f"{w} {100 * hit / n:.0f} % ({n})" for w, (n, hit) in ranked)]
+            never = [w for w, (n, hit) in ranked if hit == 0]
+            if never:
+                lines += ["", f"Never emitted: {', '.join(never)}. Where CIF fires on an utterance: the "
+                          "`cif_*.png` plots below."]
 
     # The claims.
     lines += ["", "## The papers' claims, tested here", "",
