@@ -35,11 +35,12 @@ def cif_loop(
     lengths = torch.floor(a.detach().sum(1) / beta).clamp(1, max_length).long()
     T = int(lengths.max())
 
-    batch = torch.arange(B)
+    device = hidden.device
+    batch = torch.arange(B, device=device)
     out = hidden.new_zeros(B, T + 1, C)
-    row_weight = torch.zeros(B, T + 1, dtype=torch.float64)  # for the tail rule
-    row = torch.zeros(B, dtype=torch.long)  # current keyword of each sample
-    acc = torch.zeros(B, dtype=torch.float64)  # weight already in the current keyword
+    row_weight = torch.zeros(B, T + 1, dtype=torch.float64, device=device)  # for the tail rule
+    row = torch.zeros(B, dtype=torch.long, device=device)  # current keyword of each sample
+    acc = torch.zeros(B, dtype=torch.float64, device=device)  # weight already in the current keyword
     for s in range(S):
         h = hidden[:, s]
         remaining = a[:, s]
@@ -58,12 +59,12 @@ def cif_loop(
         row_weight[batch, row] += remaining.detach()
         acc = acc + remaining
 
-    factor = torch.ones(B, T + 1, dtype=hidden.dtype)
+    factor = torch.ones(B, T + 1, dtype=hidden.dtype, device=device)
     if target_lengths is None:
         tail = row_weight[batch, lengths]
         extend = (tail >= tail_threshold) & (lengths < max_length)
         factor[batch, lengths] = torch.where(extend, beta / tail, 1.0).to(hidden.dtype)
         lengths = lengths + extend.long()
     K = int(lengths.max())
-    keep = (torch.arange(K)[None] < lengths[:, None]).to(hidden.dtype)
+    keep = (torch.arange(K, device=device)[None] < lengths[:, None]).to(hidden.dtype)
     return out[:, :K] * (factor[:, :K] * keep).unsqueeze(2), lengths

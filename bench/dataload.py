@@ -5,8 +5,8 @@ Run: ``python bench/dataload.py`` (``--quick`` for a smaller run that does not t
 on the GPU when CUDA is available (``--device``; the loader stays on the CPU, as in training).
 
 Data: a generated data dir in a temp dir (``make_corpus``): ``--utts`` 16 kHz 16-bit PCM WAV files of 2-4 s
-written with soundfile, 5 captions per image, tiny PNG images, ``utt2dur`` (as stage 1 leaves it) and a kaldiio
-``img_embed.{ark,scp}`` of random float32 vectors of the CLIP's embedding size.
+written with soundfile, 5 captions per image, tiny PNG images, ``utt2dur`` (as stage 1 leaves it) and an
+``img_embed.{ark,scp}`` (the toolkit's writer) of random float32 vectors of the CLIP's embedding size.
 
 Everything goes through the real training code: a ``Trainer`` is built from ``egs/mini/conf/mini_hplus.yaml``
 (overridden: ``model.clip.pretrained null`` because the recipe's teacher CLIP file may not exist -- same shape,
@@ -66,11 +66,11 @@ def make_corpus(root: str, n_utts: int, min_sec: float, max_sec: float, embed_di
     Utterance i (``benchNNNNN``) lasts U(min_sec, max_sec) seconds (a few decaying tones plus noise, 16-bit PCM),
     belongs to image i // captions_per_image and speaker i % 4; its text is 4-10 random words.
     """
-    import kaldiio
     import soundfile as sf
     from PIL import Image
 
     from speechclip_plus.data.datadir import write_data_dir
+    from speechclip_plus.data.kaldi_ark import write_ark_scp
 
     rng = np.random.default_rng(seed)
     root = os.path.abspath(root)
@@ -99,10 +99,8 @@ def make_corpus(root: str, n_utts: int, min_sec: float, max_sec: float, embed_di
         utt2dur[utt] = n / sample_rate
     data_dir = os.path.join(root, "data")
     write_data_dir(data_dir, wav, text, utt2spk, utt2img, img, utt2dur)
-    ark, scp = os.path.join(root, "img_embed.ark"), os.path.join(root, "img_embed.scp")
-    with kaldiio.WriteHelper(f"ark,scp:{ark},{scp}") as writer:
-        for image_id in sorted(img):
-            writer(image_id, rng.standard_normal(embed_dim).astype(np.float32))
+    vectors = ((image_id, rng.standard_normal(embed_dim).astype(np.float32)) for image_id in sorted(img))
+    scp, _ = write_ark_scp(root, "img_embed", vectors)  # the toolkit's one ark/scp writer
     return data_dir, scp
 
 

@@ -6,16 +6,22 @@ Contract
   any scalar, a list or null).
 - ``load_config(path, overrides)`` = defaults <- YAML file <- overrides. Overrides are argv-style pairs
   ``--model.cif.threshold 0.9`` (values parsed as YAML, so ``[256, 512]``, ``null``, ``true`` work).
+- Inheritance: a YAML file may name a ``base:`` config (a path relative to the file, ending in ``.yaml``, or the
+  name of a packaged config such as ``base_hplus`` = ``speechclip_plus/conf/base_hplus.yaml``), which may name its
+  own. The resolved config is defaults <- the root base <- ... <- the file: a key of a file replaces the same key
+  of its bases (section by section, so ``model: {cif: {threshold: 0.9}}`` changes that one key; a list is
+  replaced whole). ``base`` itself is not part of the resolved config. A missing base or a cycle is a
+  ``ConfigError`` naming the files.
 - Unknown keys and wrong types raise ``ConfigError`` with one line naming the key (and the file), listing
   the valid keys at that level.
 - Keys in ``PATH_KEYS`` holding a relative path are resolved against the directory of the YAML file
-  that set them (overrides: against the current directory).
+  that set them, a base included (overrides: against the current directory).
 """
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
@@ -133,6 +139,10 @@ PATH_KEYS = {
 }
 
 
+BASE_KEY = "base"  # the top-level key naming the config a file inherits from
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+
+
 class ConfigError(ValueError):
     """A bad configuration key, value or file."""
 
@@ -210,6 +220,44 @@ def read_yaml(path: str) -> Dict:
     return data
 
 
+def _base_path(ref: Any, named_by: str) -> str:
+    """The file a ``base:`` value names: a path (relative to ``named_by``'s directory) or a packaged name."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"{named_by}: '{BASE_KEY}' must be a config file or a packaged config name, got {ref!r}")
+    if ref.endswith((".yaml", ".yml")) or "/" in ref or os.sep in ref:
+        path = os.path.join(os.path.dirname(os.path.abspath(named_by)), os.path.expanduser(ref))
+    else:
+        path = os.path.join(PACKAGED_CONFIGS, f"{ref}.yaml")
+    path = os.path.normpath(path)
+    if not os.path.isfile(path):
+        packaged = sorted(n[:-5] for n in os.listdir(PACKAGED_CONFIGS) if n.endswith(".yaml"))
+        raise ConfigError(f"{named_by}: base config '{ref}' not found ({path}); a base is a .yaml path relative to "
+                          f"this file or a packaged config name: {', '.join(packaged)}")
+    return path
+
+
+def read_config_files(path: str) -> List[Tuple[str, Dict]]:
+    """``[(file, mapping without 'base')]`` of ``path`` and its chain of bases, the root base first.
+
+    ``path`` keeps the spelling it was given (for messages); bases are normalised absolute paths.
+    """
+    chain: List[Tuple[str, Dict]] = []
+    seen: Dict[str, str] = {}
+    current = path
+    while True:
+        real = os.path.realpath(current)
+        if real in seen:
+            cycle = " -> ".join([f for f, _ in chain] + [current])
+            raise ConfigError(f"{path}: the base configs form a cycle: {cycle}")
+        seen[real] = current
+        data = dict(read_yaml(current))
+        ref = data.pop(BASE_KEY, None)
+        chain.append((current, data))
+        if ref is None:
+            return chain[::-1]
+        current = _base_path(ref, current)
+
+
 def parse_overrides(args: Iterable[str]) -> List[tuple]:
     """``['--a.b', '1', '--c.d=x']`` -> ``[('a.b', 1), ('c.d', 'x')]`` (values parsed as YAML)."""
     args = list(args)
@@ -275,10 +323,12 @@ def check(cfg: Dict) -> Dict:
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), data: Optional[Dict] = None) -> Dict:
-    """Resolved config = DEFAULTS <- YAML ``path`` <- ``data`` <- argv-style ``overrides``."""
+    """Resolved config = DEFAULTS <- YAML ``path`` (after its ``base:`` chain) <- ``data`` <- argv-style
+    ``overrides``."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        cfg = merge(cfg, read_yaml(path), path, os.path.dirname(os.path.abspath(path)))
+        for file, file_data in read_config_files(path):
+            cfg = merge(cfg, file_data, file, os.path.dirname(os.path.abspath(file)))
     if data:
         cfg = merge(cfg, data, "<dict>")
     for key, value in parse_overrides(overrides):

@@ -7,7 +7,7 @@ Only model repositories are accepted.
 
 Downloads go through ``hf_hub_download``: huggingface_hub's cache (``HF_HUB_CACHE`` / ``HF_HOME``), its
 offline mode (``HF_HUB_OFFLINE=1``: only what is cached, by branch/tag ref or commit) and its
-authentication. A downloaded model file is then read like a local one (``api.read_model_file``:
+authentication. A downloaded model file is then read like a local one (``model_file.read_model_file``:
 ``weights_only``, content digest), so a Hub model gets the same safety checks.
 
 ``push_model`` uploads a model file as ``model.pt`` and a generated model card as ``README.md`` in one

@@ -8,6 +8,11 @@ untouched. The temporary name keeps the destination's extension (``.x.tmp-<host>
 A process killed during a write (SIGKILL, power loss) leaves its temporary file behind, never a partial file
 under the final name. ``remove_stale_temps(dir)`` deletes such leftovers: temporary files of this host whose
 process is gone (a live writer's files, and other hosts' files on a shared file system, are left alone).
+Every writer of the toolkit (recipes and benchmarks included) goes through this module, so every temporary file
+it can leave has a name ``remove_stale_temps`` recognises.
+
+A replaced file keeps its permission bits (as an in-place write would), unless ``atomic_path(mode=...)`` sets them.
+``cache_dir()`` is where downloaded or rebuilt files are kept between runs.
 """
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ import contextlib
 import os
 import re
 import socket
+import stat
 import uuid
-from typing import Any, Iterator, List, Union
+from typing import Any, Iterator, List, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -34,6 +40,14 @@ def temp_path_for(path: PathLike) -> str:
     directory, base = os.path.split(path)
     stem, ext = os.path.splitext(base)
     return os.path.join(directory, f".{stem}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
+
+
+def cache_dir() -> str:
+    """``$SPEECHCLIP_PLUS_CACHE``, else ``$XDG_CACHE_HOME/speechclip_plus``, else ``~/.cache/speechclip_plus``."""
+    if os.environ.get("SPEECHCLIP_PLUS_CACHE"):
+        return os.environ["SPEECHCLIP_PLUS_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "speechclip_plus")
 
 
 def _alive(pid: int) -> bool:
@@ -67,11 +81,12 @@ def remove_stale_temps(directory: PathLike) -> List[str]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[str]:
+def atomic_path(path: PathLike, mode: Optional[int] = None) -> Iterator[str]:
     """Yield a temporary path; when the block exits normally it is renamed to ``path``.
 
-    The block must create the file. Parent directories of ``path`` are created. On error the temporary
-    file is deleted and the exception propagates.
+    The block must create the file. Parent directories of ``path`` are created. The file gets the permission
+    bits ``mode``; with None, those of the file it replaces (a new file keeps what the block created). On error
+    the temporary file is deleted and the exception propagates.
     """
     path = os.fspath(path)
     parent = os.path.dirname(path)
@@ -82,6 +97,10 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         yield tmp
         if not os.path.exists(tmp):
             raise FileNotFoundError(f"atomic write of {path}: nothing was written to the temporary file {tmp}")
+        if mode is None and os.path.isfile(path):
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):

@@ -13,9 +13,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from test_score import CONF, REPO, make_data_dir, train_exp, write_vocab
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def _all_outputs(api, paths):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, make_data_dir, train_exp):
     """Trained tiny models exported to model files: cplus (fbank) and hplus on a tiny HuBERT (hubert_local)
     whose checkpoint file is deleted after export."""
     from speechclip_plus import SpeechCLIPPlus
@@ -111,7 +112,7 @@ def test_export_round_trip_is_exact(exported, variant, tmp_path):
     assert cached[0].stat().st_mtime_ns == stamp
 
 
-def test_clip_settings_without_weights_survive_export(tmp_path):
+def test_clip_settings_without_weights_survive_export(tmp_path, write_vocab):
     """quick_gelu and the image preprocessing come from CLIP's pretrained tag, not its weights: the file keeps
     them, so a model built with OpenAI-style settings reloads identically."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -142,25 +143,15 @@ def test_clip_settings_without_weights_survive_export(tmp_path):
     assert torch.equal(loaded.embed_speech(wav, 16000), original.embed_speech(wav, 16000))
 
 
-class _Evil:
-    """Unpickling this would create a directory: the loader must never get that far."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def test_malicious_truncated_and_foreign_files_are_refused(exported, tmp_path):
+def test_malicious_truncated_and_foreign_files_are_refused(exported, tmp_path, crafted):
     from speechclip_plus import SpeechCLIPPlus
     from speechclip_plus.api import FORMAT, ModelFileError, content_digest
 
     marker = tmp_path / "pwned"
     torch_file, pickle_file = tmp_path / "evil.pt", tmp_path / "evil.pkl"
-    torch.save({"format": FORMAT, "config": {}, "payload": _Evil(marker)}, torch_file)
+    torch.save({"format": FORMAT, "config": {}, "payload": crafted(os.mkdir, str(marker))}, torch_file)
     with open(pickle_file, "wb") as f:
-        pickle.dump(_Evil(marker), f)
+        pickle.dump(crafted(os.mkdir, str(marker)), f)
     for path in (torch_file, pickle_file):
         with pytest.raises(ModelFileError, match=f"{path}: cannot be read.*never loaded"):
             SpeechCLIPPlus.from_pretrained(path)
@@ -255,6 +246,39 @@ def test_embed_speech_input_forms_agree(api, tmp_path):
         api.embed_speech(str(path), sample_rate=8000)
 
 
+def test_audio_the_recipes_refuse_is_refused_with_their_message(api, tmp_path):
+    """The API reads files through the data layer's reader: NaN/inf, silent, empty and unreadable audio get the
+    error stage 1 gives (never a NaN embedding), and arrays get the same checks."""
+    from speechclip_plus.data.audio import read_audio
+    from speechclip_plus.data.datadir import DataError
+
+    t = np.arange(8000) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    cases = {"nan.wav": np.where(t < 0.1, np.nan, tone).astype(np.float32), "silent.wav": np.zeros(8000, np.float32),
+             "inf.wav": np.where(t > 0.4, np.inf, tone).astype(np.float32)}
+    for name, x in cases.items():
+        sf.write(tmp_path / name, x, 16000, subtype="FLOAT")
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    for name, what in [("nan.wav", r"1600 non-finite sample value\(s\) \(NaN/inf\)"), ("silent.wav", "audio is silent"),
+                       ("inf.wav", r"non-finite sample value\(s\)"), ("junk.wav", "cannot read audio")]:
+        path = str(tmp_path / name)
+        with pytest.raises(DataError, match=what) as api_error:
+            api.embed_speech(path)
+        with pytest.raises(DataError, match=what) as recipe_error:
+            read_audio(path, silence=True)
+        assert str(api_error.value) == str(recipe_error.value) and str(api_error.value).startswith(path)
+        with pytest.raises(DataError, match=what.replace("audio is silent", "is silent")):
+            api.keywords(path)
+    with pytest.raises(DataError, match=r"wavs\[1\]: 1 non-finite sample"):
+        api.embed_speech([tone, np.where(t == 0, np.nan, tone)], sample_rate=16000)
+    with pytest.raises(DataError, match=r"wav: audio is silent"):
+        api.hidden_states(torch.zeros(4000), sample_rate=16000)
+    with pytest.raises(DataError, match=r"wavs\[0\]: no samples"):
+        api.embed_speech(np.zeros(0, np.float32), sample_rate=16000)
+    with pytest.raises(FileNotFoundError, match="missing.wav: audio file not found"):
+        api.embed_speech(str(tmp_path / "missing.wav"))
+
+
 def test_keywords_have_cif_times_inside_the_utterance(api, exported):
     path = exported["paths"][0]
     duration = sf.info(path).duration
@@ -292,7 +316,7 @@ def test_keyword_spans_follow_the_integration_intervals():
     assert keyword_spans(torch.tensor([0.0, 0.0, 2.5, 0.1]), 2, 4, 1.0) == [(2, 2), (2, 2)]
 
 
-def test_fixed_keywords_have_no_times(tmp_path):
+def test_fixed_keywords_have_no_times(tmp_path, write_vocab):
     from speechclip_plus import SpeechCLIPPlus
     from speechclip_plus.config import load_config
     from speechclip_plus.models.speechclip import build_model

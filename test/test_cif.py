@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cif_loop_reference import cif_loop_reference  # noqa: E402
@@ -13,6 +15,7 @@ from cif_loop_reference import cif_loop_reference  # noqa: E402
 from speechclip_plus.models.cif import CIF, cif, duration_targets, quantity_loss  # noqa: E402
 
 TOL = 1e-5
+aten = torch.ops.aten
 
 
 def _max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -99,6 +102,10 @@ def test_weights_match_interval_overlap_and_feats():
     overlap = overlap * (~out.pad_mask)[:, :, None]
     assert _max_diff(out.weights, overlap) <= 1e-6
     assert _max_diff(out.feats, out.weights @ hidden) <= 1e-5
+    # a non-contiguous hidden (e.g. a transposed encoder output) gives the same keywords
+    strided = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    assert torch.equal(cif(strided, alpha, pad_mask, torch.tensor([9, 4, 2]), scale=False).feats, out.feats)
 
 
 def test_exact_boundary():
@@ -255,19 +262,139 @@ def test_invalid_inputs_raise():
     a = torch.rand(2, 5)
     with pytest.raises(ValueError, match="alpha must be"):
         cif(h, a[:, :4])
+    with pytest.raises(ValueError, match="alpha must be"):
+        cif(h, (a > 0.5).long())
     with pytest.raises(ValueError, match="pad_mask"):
         cif(h, a, torch.zeros(2, 5))
     with pytest.raises(ValueError, match="target_lengths"):
         cif(h, a, None, torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match="target_lengths"):
+        cif(h, a, None, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match=">= 0"):
         cif(h, -a)
-    with pytest.raises(ValueError, match="finite"):
-        cif(h, torch.where(torch.arange(5) == 2, float("nan"), a))
-    cif(h, torch.where(torch.arange(5) == 4, float("nan"), a), torch.arange(5).expand(2, 5) == 4)  # pads ignored
+    with pytest.raises(ValueError, match=">= 0"):
+        cif(h, torch.where(torch.arange(5) == 2, float("-inf"), a))
+    cif(h, torch.where(torch.arange(5) == 4, -1.0, a), torch.arange(5).expand(2, 5) == 4)  # pads ignored
+    with pytest.raises(ValueError, match="alpha is on meta"):
+        cif(h, a.to("meta"))
     with pytest.raises(ValueError, match="hidden"):
         cif(h[0], a)
+    with pytest.raises(ValueError, match="hidden"):
+        cif(h.long(), a)
     with pytest.raises(ValueError, match="conv_width"):
         CIF(4, conv_width=4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mode", ["scaled", "unscaled", "inference"])
+def test_non_finite_alpha_poisons_its_sample_and_does_not_raise(bad, mode):
+    # e.g. a NaN encoder output: the step must be skipped (non-finite loss), not crash one rank
+    hidden, alpha, pad_mask = _random_batch(3, 20, 4, 11)
+    alpha[1, 3] = bad
+    alpha[2, -1] = bad  # sample 2 is padded at the end: a pad may hold anything
+    pad_mask[2, -1] = True
+    targets = None if mode == "inference" else torch.tensor([4, 3, 2])
+    kw = {"scale": mode == "scaled"}
+    h = hidden.clone().requires_grad_(True)
+    a = alpha.clone().requires_grad_(True)
+    out = cif(h, a, pad_mask, targets, **kw)
+    assert not torch.isfinite(out.quantity[1]) and torch.isfinite(out.quantity[[0, 2]]).all()
+    assert out.lengths[1].item() == 1 and not out.extended[1]
+    assert not torch.isfinite(out.feats[1, 0]).all()
+    (out.feats.sum() + quantity_loss(out.quantity, torch.tensor([4, 3, 2]))).backward()
+    assert not torch.isfinite(h.grad[1]).all()
+    # the other samples are exactly what they are without the bad one
+    keep = torch.tensor([0, 2])
+    clean = cif(hidden[keep], alpha[keep], pad_mask[keep], None if targets is None else targets[keep], **kw)
+    assert torch.equal(out.lengths[keep], clean.lengths)
+    K = clean.feats.size(1)
+    assert _max_diff(out.feats[keep, :K], clean.feats) == 0 and (out.feats[keep, K:] == 0).all()
+    assert torch.isfinite(h.grad[keep]).all() and torch.isfinite(a.grad[keep]).all()
+
+
+def test_module_with_nan_frame_gives_nan_loss_not_an_error():
+    torch.manual_seed(0)
+    module = CIF(6, dropout=0.0).train()
+    hidden = torch.randn(2, 12, 6)
+    hidden[0, 5] = float("nan")
+    targets = torch.tensor([2, 3])
+    out = module(hidden, None, targets)
+    loss = out.feats.pow(2).sum() + quantity_loss(out.quantity, targets)
+    assert not torch.isfinite(loss)
+    loss.backward()  # no exception; the trainer skips a step whose loss is not finite
+    assert out.lengths[1].item() == 3 and torch.isfinite(out.feats[1]).all()
+
+
+class _DeviceValueProbe(TorchDispatchMode):
+    """Records the ops that make the host read device values (a GPU synchronisation) and every device seen.
+
+    ``Tensor.tolist`` does not dispatch for CPU tensors, so it is counted by :meth:`count_tolist`.
+    """
+
+    READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+             aten.equal.default, aten.is_nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.devices = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        bool_index = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
+            x is not None and x.dtype in (torch.bool, torch.uint8) for x in args[1])
+        sized_by_data = func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+        if func in self.READS or bool_index or sized_by_data:
+            self.reads.append(str(func))
+        out = func(*args, **kwargs)
+        self.devices |= {x.device for x in leaves + [y for y in tree_leaves(out) if isinstance(y, torch.Tensor)]}
+        return out
+
+    def count_tolist(self, monkeypatch):
+        original = torch.Tensor.tolist
+        inside = []
+
+        def tolist(t):
+            if not inside:  # a torch function mode (torch.device) calls it again from within
+                self.reads.append("Tensor.tolist")
+            inside.append(True)
+            try:
+                return original(t)
+            finally:
+                inside.pop()
+
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_one_host_read_per_call_and_every_tensor_on_the_input_device(mode, monkeypatch):
+    # the output size K must reach the host; nothing else may (input checks, "any extension", "any extra
+    # fire" are folded into that one read).  Under torch.device("meta") any tensor created without
+    # device= would land on "meta" and show up in the probe's devices (or fail on the read).
+    torch.manual_seed(0)
+    module = CIF(8, dropout=0.1).train(mode == "training")
+    hidden = torch.randn(3, 30, 8, requires_grad=True)
+    pad_mask = torch.arange(30)[None] >= torch.tensor([30, 22, 9])[:, None]
+    targets = torch.tensor([4, 3, 1]) if mode == "training" else None
+    probe = _DeviceValueProbe()
+    probe.count_tolist(monkeypatch)
+    with torch.device("meta"), probe:
+        out = module(hidden, pad_mask, targets, step=0)
+        loss = out.feats.pow(2).sum()
+        if targets is not None:
+            loss = loss + quantity_loss(out.quantity, targets)
+        loss.backward()
+    assert probe.reads == ["Tensor.tolist"]
+    assert probe.devices == {torch.device("cpu")}
+    # tail extension and multi-fire frames (the extras) cost no further read
+    heavy = torch.tensor([[0.4, 0.4, 0.4, 0.4], [0.3, 2.7, 0.2, 0.0]], requires_grad=True)
+    probe.reads.clear()
+    with torch.device("meta"), probe:
+        out = cif(hidden[:2, :4], heavy, None, None if targets is None else targets[:2], scale=False)
+        out.feats.sum().backward()
+    assert (out.num_fires > 1).any() and (out.extended.any() or mode == "training")
+    assert probe.reads == ["Tensor.tolist"]
+    assert probe.devices == {torch.device("cpu")}
 
 
 def test_module_forward_backward_and_scaling_switch():

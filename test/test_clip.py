@@ -191,7 +191,7 @@ def test_bad_vocab_npy_and_missing(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="no token ids"):
         load_vocab_usage(tmp_path / "empty.txt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="vocabulary usage file not found: .*nope.txt"):
         load_vocab_usage(tmp_path / "nope.txt")
 
 

@@ -72,7 +72,7 @@ def test_faults_stop_the_write_with_ten_lines_and_the_count_and_nothing_is_writt
     for k in range(8):
         w.fault(f"extra{k}", "a planted problem", f"extra.txt:{k + 1}")
     w.check_media(nj=2)
-    with pytest.raises(CorpusFaults) as e:
+    with pytest.raises(CorpusFaults, match=r"^12 problem\(s\) in the corpus; nothing was written") as e:
         w.write(str(tmp_path / "data"))
     lines = str(e.value).splitlines()
     assert lines[0] == "12 problem(s) in the corpus; nothing was written:"

@@ -17,10 +17,6 @@ from typing import Dict, Optional
 import pytest
 import torch
 
-from test_distributed import _free_port, _step_record
-from test_score import make_data_dir, train_exp
-from test_train import make_corpus, tiny_config
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DEVICE_ENV = "SPEECHCLIP_TEST_DEVICE"
@@ -65,18 +61,14 @@ def _trainer(cfg, exp: Path, dist_info=None):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    train, emb = make_corpus(root, 8, 4, seed=0, name="train")
-    dev, dev_emb = make_corpus(root, 6, 3, seed=1, name="dev")
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+def corpus(tmp_path_factory, make_train_dev):
+    return make_train_dev(tmp_path_factory.mktemp("corpus"))
 
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_training_steps_of_every_variant_under_each_precision(variant, precision, corpus, tmp_path):
+def test_training_steps_of_every_variant_under_each_precision(variant, precision, corpus, tmp_path, tiny_config):
     """A few optimiser steps and a validation on the device: finite losses, every step taken (fp16: the
     GradScaler may skip a few while it calibrates, they do not count), trainable weights moved and finite,
     frozen ones untouched, the autocast dtype the one logged."""
@@ -119,7 +111,7 @@ def test_training_steps_of_every_variant_under_each_precision(variant, precision
     assert f"device {DEVICE}" in log
 
 
-def test_auto_precision_is_the_devices_choice(corpus, tmp_path):
+def test_auto_precision_is_the_devices_choice(corpus, tmp_path, tiny_config):
     """auto: bf16 on Ampere and later GPUs, fp16 with a GradScaler before; on a CPU bf16 only where native."""
     from speechclip_plus.train.precision import cpu_has_native_bf16
 
@@ -138,7 +130,7 @@ def test_auto_precision_is_the_devices_choice(corpus, tmp_path):
 WORLD = 2
 
 
-def _ddp_worker(rank: int, port: int, cfg: Dict, exp: str, outs) -> None:
+def _ddp_worker(rank: int, port: int, cfg: Dict, exp: str, outs, step_record) -> None:
     """One rank (spawned: a CUDA context cannot be forked): its slice of the first global batch, forward and
     backward through DDP; loss and averaged gradients saved on the CPU."""
     torch.set_num_threads(1)
@@ -149,7 +141,7 @@ def _ddp_worker(rank: int, port: int, cfg: Dict, exp: str, outs) -> None:
     info = init_distributed(TARGET)
     try:
         tr = _trainer(cfg, Path(exp), dist_info=info)
-        rec = _step_record(tr, tr.sampler.batches(0)[0])
+        rec = step_record(tr, tr.sampler.batches(0)[0])
         tr.close()
         rec["grads"] = {n: g.cpu() for n, g in rec["grads"].items()}
         torch.save({**rec, "device": info.device}, outs[rank])
@@ -157,7 +149,8 @@ def _ddp_worker(rank: int, port: int, cfg: Dict, exp: str, outs) -> None:
         cleanup()
 
 
-def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, free_port, join_workers, make_corpus,
+                                                             step_record, tiny_config):
     """Two ranks (NCCL on two GPUs; gloo with SPEECHCLIP_TEST_DEVICE=cpu) each score their half of the global
     batch against all of it: loss and DDP-averaged gradients equal one process on the whole batch."""
     if TARGET == "cuda" and torch.cuda.device_count() < WORLD:
@@ -169,13 +162,12 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     train, emb = make_corpus(tmp_path / "corpus", 9, 4, seed=0, name="train", seconds=0.75)
     cfg = tiny_config("p", crop=False, batch_size=8, max_steps=1, train_data=str(train), image_embeds=str(emb))
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    ctx = mp.start_processes(_ddp_worker, args=(_free_port(), cfg, str(tmp_path / "exp2"), outs), nprocs=WORLD,
-                             start_method="spawn", join=False)
+    ctx = mp.start_processes(_ddp_worker, args=(free_port(), cfg, str(tmp_path / "exp2"), outs, step_record),
+                             nprocs=WORLD, start_method="spawn", join=False)
     single = _trainer(cfg, tmp_path / "exp1")
-    ref = _step_record(single, single.sampler.batches(0)[0])
+    ref = step_record(single, single.sampler.batches(0)[0])
     single.close()
-    while not ctx.join(timeout=600):
-        pass
+    join_workers(ctx)  # a worker's error is raised; hung workers are killed after 600 s and the test fails
     ranks = [torch.load(o, weights_only=True) for o in outs]
 
     expected_devices = [f"cuda:{r}" for r in range(WORLD)] if TARGET == "cuda" else ["cpu"] * WORLD
@@ -192,7 +184,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- inference
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, make_data_dir, train_exp):
     """Tiny models trained two steps on the CPU and exported: c (fbank) and hplus (a tiny s3prl HuBERT,
     conv feature extractor included); a test data dir of 3 images x 2 captions."""
     from speechclip_plus.bin.export import main as export_main

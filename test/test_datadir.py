@@ -155,7 +155,7 @@ def test_check_data_dir_shows_first_ten_and_count(tmp_path):
     write_kv(os.path.join(d, "text"), {"zz-extra": "x"})
     problems = validate_data_dir(d)
     assert len(problems) == 13  # 12 missing captions + 1 unknown utterance
-    with pytest.raises(DataError) as e:
+    with pytest.raises(DataError, match=r"13 problem\(s\) in the data dir") as e:
         check_data_dir(d)
     msg = str(e.value)
     assert msg.startswith(f"{d}: 13 problem(s)")
@@ -180,7 +180,7 @@ def test_combine_rejects_conflicts(tmp_path):
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "sub" / "f.txt"
     atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with atomic_path(target) as tmp:
             with open(tmp, "w") as f:
                 f.write("new")

@@ -7,53 +7,21 @@ so the only difference is the split of the batch over the ranks.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import CONF, REPO, make_corpus, tiny_config
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _step_record(tr, batch_indices):
-    """Loss, gradients (after DDP's averaging) and gathered sizes of one training micro-batch."""
-    from speechclip_plus.data import collate
-    from speechclip_plus.models import losses
-
-    sizes = []
-    real_gather = losses.gather_with_grad
-
-    def gather(*tensors):
-        out = real_gather(*tensors)
-        sizes.append((len(tensors[0]), len(out[0])))
-        return out
-
-    losses.gather_with_grad = gather
-    try:
-        tr.model.train()
-        tr.optimizer.zero_grad(set_to_none=True)
-        batch = collate([tr.train_set[i] for i in batch_indices])
-        rec = tr._forward_backward(batch, sync=True)
-    finally:
-        losses.gather_with_grad = real_gather
-    grads = {n: p.grad.detach().clone() for n, p in tr.raw_model.named_parameters() if p.grad is not None}
-    tr.optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(rec["loss"]), "terms": {k: float(v) for k, v in rec["terms"].items()}, "grads": grads,
-            "sizes": sizes, "utts": batch["utt"]}
-
-
-def _worker(rank: int, port: int, cfg: dict, exp: str, out: str) -> None:
+def _worker(rank: int, port: int, cfg: dict, exp: str, out: str, step_record) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -64,7 +32,7 @@ def _worker(rank: int, port: int, cfg: dict, exp: str, out: str) -> None:
     try:
         tr = Trainer(cfg, exp, info, progress=False, console=False)
         metrics = tr.validate()
-        step = _step_record(tr, tr.sampler.batches(0)[0])
+        step = step_record(tr, tr.sampler.batches(0)[0])
         tr.fit()
         tr.close()
         torch.save({"metrics": metrics, **step, "rank": info.rank, "final_step": tr.step}, out)
@@ -73,17 +41,14 @@ def _worker(rank: int, port: int, cfg: dict, exp: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
+def data(tmp_path_factory, make_train_dev):
     # equal lengths: the same padding in a rank's slice as in the whole batch (embeddings of the tiny fbank
-    # model shift by ~1e-4 with the batch's padded length)
-    train, emb = make_corpus(root, 9, 4, seed=0, name="train", seconds=0.75)  # one global batch of 8 (+1 dropped)
-    dev, dev_emb = make_corpus(root, 6, 3, seed=1, name="dev", seconds=0.75)
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+    # model shift by ~1e-4 with the batch's padded length); 9 utterances: one global batch of 8 (+1 dropped)
+    return make_train_dev(tmp_path_factory.mktemp("corpus"), train=(9, 4), seconds=0.75)
 
 
-def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path):
+def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path, tiny_config, free_port, step_record,
+                                                             join_workers):
     import torch.multiprocessing as mp
 
     from speechclip_plus.train.trainer import Trainer
@@ -91,15 +56,13 @@ def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path):
     cfg = tiny_config("p", crop=False, batch_size=8, valid_batch_size=4, max_steps=2, valid_every=1, **data)
     exp = tmp_path / "exp2"
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    port = _free_port()
-    ctx = mp.start_processes(_worker_entry, args=(port, cfg, str(exp), outs), nprocs=WORLD, start_method="fork",
-                             join=False)
+    ctx = mp.start_processes(_worker_entry, args=(free_port(), cfg, str(exp), outs, step_record), nprocs=WORLD,
+                             start_method="fork", join=False)
     single = Trainer(cfg, str(tmp_path / "exp1"), progress=False, console=False)
     ref_metrics = single.validate()
     global_batch = single.sampler.batches(0)[0]
-    ref = _step_record(single, global_batch)
-    while not ctx.join(timeout=300):
-        pass
+    ref = step_record(single, global_batch)
+    join_workers(ctx)  # a worker's error is raised; hung workers are killed after 600 s and the test fails
     ranks = [torch.load(o, weights_only=True) for o in outs]
 
     # the ranks' slices partition the single-process global batch
@@ -131,8 +94,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(data, tmp_path):
     assert len(list((exp / "tensorboard").glob("events.*"))) == 1
 
 
-def _worker_entry(rank: int, port: int, cfg: dict, exp: str, outs) -> None:
-    _worker(rank, port, cfg, exp, outs[rank])
+def _worker_entry(rank: int, port: int, cfg: dict, exp: str, outs, step_record) -> None:
+    _worker(rank, port, cfg, exp, outs[rank], step_record)
 
 
 def test_cli_nproc_relaunches_under_torchrun(data, tmp_path):

@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fake_corpora  # noqa: E402
-from test_recipes import template_readme_block  # noqa: E402  (the README-block reader the recipe tests use)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -209,11 +208,8 @@ def _make_setup_is_a_no_op() -> None:
         pytest.skip(msg)
 
 
-def test_first_day(tmp_path):
-    if not fake_corpora.have_espeak():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("espeak-ng is not installed, and CI=true requires it")
-        pytest.skip("espeak-ng is not installed (needed to speak the corpus)")
+def test_first_day(tmp_path, require, template_readme_block):
+    require("espeak-ng")  # speaks the corpus
     need_system_python_without_torch()
     _make_setup_is_a_no_op()
     env = fresh_shell(tmp_path)
@@ -227,7 +223,7 @@ def test_first_day(tmp_path):
     recipe = ws / "egs" / "mycorpus"
     (recipe / "local" / "data.sh").write_text(template_readme_block("bash", "# local/data.sh for a CSV manifest"))
     (recipe / "local" / "prepare_csv.py").write_text(template_readme_block("python", "# local/prepare_csv.py"))
-    if shutil.which("shellcheck"):
+    if require("shellcheck", skip=False):
         lint = run(["shellcheck", recipe / "local" / "data.sh"], recipe, env)
         assert lint.returncode == 0, lint.stdout
 

@@ -17,9 +17,8 @@ import pytest
 import torch
 import yaml
 
-from test_score import CONF, make_data_dir, train_exp
-
 REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
 
@@ -113,7 +112,7 @@ def test_unavailable_or_malformed_addresses_are_clear_errors(model_files, _cache
         assert "HF_HUB_OFFLINE=1" in str(err.value)
 
 
-def test_hub_files_get_the_same_safety_checks_as_local_files(model_files, _caches, tmp_path):
+def test_hub_files_get_the_same_safety_checks_as_local_files(model_files, _caches, tmp_path, crafted):
     """A tampered tensor (digest mismatch) and a pickle that would run code are refused from the cache too."""
     from speechclip_plus import SpeechCLIPPlus
     from speechclip_plus.api import ModelFileError
@@ -123,11 +122,8 @@ def test_hub_files_get_the_same_safety_checks_as_local_files(model_files, _cache
     payload["state_dict"][key] = payload["state_dict"][key] + 1.0
     torch.save(payload, tmp_path / "tampered.pt")
 
-    class Evil:
-        def __reduce__(self):
-            return exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",)
-
-    torch.save({"format": "speechclip_plus.model/1", "x": Evil()}, tmp_path / "evil.pt")
+    evil = crafted(exec, f"open({str(tmp_path / 'ran')!r}, 'w')")
+    torch.save({"format": "speechclip_plus.model/1", "x": evil}, tmp_path / "evil.pt")
     populate(_caches, "org/bad", {COMMIT_A: {"model.pt": tmp_path / "tampered.pt"},
                                   COMMIT_B: {"model.pt": tmp_path / "evil.pt"}}, {"main": COMMIT_A})
     with pytest.raises(ModelFileError, match="content digest mismatch"):
@@ -137,7 +133,7 @@ def test_hub_files_get_the_same_safety_checks_as_local_files(model_files, _cache
     assert not (tmp_path / "ran").exists()
 
 
-def test_score_extract_and_superb_entries_accept_hf(model_files, _caches, tmp_path):
+def test_score_extract_and_superb_entries_accept_hf(model_files, _caches, tmp_path, make_data_dir):
     import kaldiio
 
     from speechclip_plus import SpeechCLIPPlus
@@ -192,7 +188,7 @@ class StubApi:
 
 
 @pytest.fixture(scope="module")
-def exp_dir(tmp_path_factory):
+def exp_dir(tmp_path_factory, train_exp):
     exp, _ = train_exp(tmp_path_factory.mktemp("push"), "cplus")
     table = "| branch | S->I R@1 |\n|---|---|\n| cascaded | 50.00 |\n"
     (exp / "RESULTS.md").write_text(f"## test: best.pt (step 2)\n\n{table}")  # what bin.score writes

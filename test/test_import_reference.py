@@ -25,7 +25,6 @@ import yaml
 
 from reference_checkpoints import (D_MODEL, LAYOUTS, N_KEYWORDS, TOKEN_DIM, VOCAB, lightning_checkpoint,
                                    reference_config, reference_state, save_reference_checkpoint, tiny_clip_state)
-from test_superb import registered  # noqa: F401 - fixture: s3prl registration, undone afterwards
 
 VARIANTS = ["p", "c", "cplus", "h", "hplus"]
 BASE = {"p": "parallel_branch.", "c": "cascaded_branch.", "cplus": "cascaded_branch.", "h": "cascaded_branch.",
@@ -326,28 +325,18 @@ def test_forward_equals_direct_computation_from_reference_tensors(imported, vari
 
 
 # ---------------------------------------------------------------------------------------------- safety
-class _Payload:
-    """Pickles as a call of ``func(*args)`` (what a crafted checkpoint does)."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
-
-
 @pytest.mark.parametrize("where", ["top level", "inside the config namespace"])
 @pytest.mark.parametrize("func,name", [(exec, "exec"), (os.system, "system")])
 def test_crafted_checkpoint_with_malicious_reduce_is_refused_and_runs_nothing(parts, tmp_path, capsys, where, func,
-                                                                               name):
+                                                                               name, crafted):
     marker = tmp_path / "pwned"
     arg = f"open({str(marker)!r}, 'w').write('x')" if func is exec else f"touch {marker}"
     config = reference_config("c")
     top = None
     if where == "top level":
-        top = {"callbacks": {"evil": _Payload(func, arg)}}
+        top = {"callbacks": {"evil": crafted(func, arg)}}
     else:
-        config["log_setting"]["hook"] = _Payload(func, arg)
+        config["log_setting"]["hook"] = crafted(func, arg)
     ckpt = write_checkpoint(parts, "c", "evil.ckpt", config=config, top=top)
     out = tmp_path / "model.pt"
     assert run_import(parts, ckpt, out) == 1
@@ -360,13 +349,13 @@ def test_crafted_checkpoint_with_malicious_reduce_is_refused_and_runs_nothing(pa
         assert marker.exists()
 
 
-def test_reference_stand_in_called_by_a_crafted_reduce_stays_inert(parts, tmp_path):
+def test_reference_stand_in_called_by_a_crafted_reduce_stays_inert(parts, tmp_path, crafted):
     """The allow-listed names are inert records: a pickle that *calls* one only stores the arguments."""
     from reference_checkpoints import OrderedNamespace
     from speechclip_plus.reference.checkpoint import InertRecord, load_reference_checkpoint, to_plain
 
     ckpt = lightning_checkpoint(reference_state("c", parts["hubert"], parts["clip"]), reference_config("c"))
-    ckpt["callbacks"] = {"odd": _Payload(OrderedNamespace, "rm -rf /")}
+    ckpt["callbacks"] = {"odd": crafted(OrderedNamespace, "rm -rf /")}
     path = save_reference_checkpoint(str(tmp_path / "odd.ckpt"), ckpt)
     loaded = load_reference_checkpoint(path)
     record = loaded["callbacks"]["odd"]
@@ -531,10 +520,9 @@ def test_half_precision_clip_copy_is_checked_at_its_precision(parts, imported, t
 
 
 # ---------------------------------------------------------------------------------------------- use
-def test_imported_model_works_with_api_scorer_extract_and_s3prl(imported, tmp_path, registered):
+def test_imported_model_works_with_api_scorer_extract_and_s3prl(imported, tmp_path, registered, make_data_dir):
     import json
 
-    from test_score import make_data_dir
 
     from speechclip_plus import SpeechCLIPPlus
     from speechclip_plus.bin.extract import main as extract_main

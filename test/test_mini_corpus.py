@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,13 +39,6 @@ def _load(name: str):
     return sys.modules[key]
 
 
-def _need_espeak() -> None:
-    if shutil.which("espeak-ng") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("espeak-ng is not installed, and CI=true requires it (apt-get install espeak-ng)")
-        pytest.skip("espeak-ng is not installed")
-
-
 def _data_sh(root: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = ["bash", str(LOCAL / "data.sh"), "--corpus_dir", str(root / "corpus"),
            "--data_dir", str(root / "data"), "--num_images", str(NUM_IMAGES),
@@ -60,8 +52,8 @@ def _table(path: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    _need_espeak()
+def corpus(tmp_path_factory, require):
+    require("espeak-ng")
     root = tmp_path_factory.mktemp("mini")
     proc = _data_sh(root)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -169,6 +161,26 @@ def test_recall_definition():
     assert r["t2i_R@1"] == pytest.approx(2 / 4, abs=1e-3) and r["t2i_R@2"] == pytest.approx(1.0, abs=1e-3)
     # image 0: best caption 0 (hit); image 1: best caption 2 (hit); image 2: best caption 1 (miss), then 3.
     assert r["i2t_R@1"] == pytest.approx(2 / 3, abs=1e-3) and r["i2t_R@2"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_teacher_recall_counts_ties_as_the_scorer_does():
+    """The teacher's recall is the toolkit's: a tie goes against the query, so a collapsed teacher (every
+    embedding equal) scores 0 where a top-k by index order could have scored 1."""
+    import torch
+
+    from speechclip_plus.eval.retrieval import recall_at_k
+
+    tc = _load("train_clip")
+    img, txt, txt2img = torch.ones(4, 3) / 3 ** 0.5, torch.ones(6, 3) / 3 ** 0.5, torch.tensor([0, 0, 1, 2, 3, 3])
+    r = tc.retrieval_recall(img, txt, txt2img, ks=(1, 3))
+    assert (r["t2i_R@1"], r["t2i_R@3"], r["i2t_R@1"], r["i2t_R@3"]) == (0.0, 0.0, 0.0, 0.0)
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(5, 8, generator=g), torch.randn(9, 8, generator=g)
+    txt2img = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3])
+    ours = recall_at_k(txt, img, txt2img, (1, 5))
+    r = tc.retrieval_recall(img, txt, txt2img, ks=(1, 5))
+    assert r["t2i_R@1"] == round(ours["speech_to_image_r1"], 4) and r["i2t_R@1"] == round(ours["image_to_speech_r1"], 4)
+    assert r["chance_t2i_R@5"] == 1.0 and (r["num_images"], r["num_captions"]) == (5, 9)
 
 
 def test_teacher_trains_and_loads_through_open_clip(corpus, tmp_path):

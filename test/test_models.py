@@ -246,8 +246,9 @@ def test_encoder_options_reach_the_model():
     out = model(wav, wav_len, images, image_index, step=0)
     out["loss"].backward()
     assert model.pos_conv.conv.weight.grad.abs().sum() > 0
-    for bad in (["--model.encoder.conv_pos", "4"], ["--model.encoder.attention_dropout", "1.5"]):
-        with pytest.raises(ConfigError):
+    for bad, message in ((["--model.encoder.conv_pos", "4"], r"conv_pos: 4 is not 0 \(none\) or an odd width"),
+                         (["--model.encoder.attention_dropout", "1.5"], r"attention_dropout: 1\.5 is not null or a")):
+        with pytest.raises(ConfigError, match=message):
             load_config(os.path.join(CONF, "tiny_hplus.yaml"), bad)
 
 
@@ -381,3 +382,44 @@ def test_per_branch_temperature():
     out2 = model(wav, lens, img, idx, step=0, texts=["a"] * 6)
     assert out2["terms"]["logit_scale_cascaded"] == pytest.approx(1.0)
     assert tiny_model("p", "--model.loss.per_branch_temperature", "true").contrastive_cascaded is None
+
+
+def _large_projection_settings():
+    """(config, variant, parallel MLP, keyword MLP) of every shipped large config with a hidden projection layer."""
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    out = []
+    for conf_dir in (CONF, *(os.path.join(repo, "egs", r, "conf") for r in ("flickr8k", "spokencoco"))):
+        for v in VARIANTS:
+            m = load_config(os.path.join(conf_dir, f"large_{v}.yaml"))["model"]
+            setting = (v, m["parallel"]["projection"], m["cascaded"]["projection"])
+            if (setting[1] or setting[2]) and setting not in [s[1:] for s in out]:
+                out.append((os.path.relpath(os.path.join(conf_dir, f"large_{v}.yaml"), repo), *setting))
+    return out
+
+
+@pytest.mark.parametrize("conf,variant,parallel,cascaded", _large_projection_settings())
+def test_large_configs_projection_mlps_run_forward_and_backward(conf, variant, parallel, cascaded):
+    """The large configs' hidden projection layers ([1024] before CLIP's embedding / token width), on the tiny
+    model: the MLP is what the config says and every layer of it gets a finite, non-zero gradient."""
+    assert parallel or cascaded
+    model = tiny_model(variant, "--model.parallel.projection", str(parallel), "--model.cascaded.projection",
+                       str(cascaded))
+    model.train()
+    heads = {"parallel": (getattr(model, "parallel", None), parallel, model.clip.embed_dim),
+             "cascaded": (getattr(model, "keywords", None), cascaded, model.clip.token_table.shape[1])}
+    linears = {}
+    for name, (head, hidden, width) in heads.items():
+        if head is None:
+            continue
+        layers = [m for m in head.proj.modules() if isinstance(m, torch.nn.Linear)]
+        assert [layer.out_features for layer in layers] == list(hidden) + [width], name
+        assert layers[0].in_features == model.upstream.hidden_dim
+        linears[name] = layers
+    assert any(len(layers) > 1 for layers in linears.values())
+    wav, lens, img, idx = batch(model, n=4)
+    out = model(wav, lens, img, idx, step=0)
+    out["loss"].backward()
+    for name, layers in linears.items():
+        for k, layer in enumerate(layers):
+            g = layer.weight.grad
+            assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, (conf, name, k)

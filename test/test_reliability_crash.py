@@ -22,9 +22,10 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from test_train import CONF, REPO, make_corpus
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -188,12 +189,8 @@ def test_engine_marks_a_stage_done_only_after_its_command_succeeds(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    train, emb = make_corpus(root, 8, 4, seed=0, name="train")
-    dev, dev_emb = make_corpus(root, 4, 2, seed=1, name="dev")
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+def corpus(tmp_path_factory, make_train_dev):
+    return make_train_dev(tmp_path_factory.mktemp("corpus"), dev=(4, 2))
 
 
 def _metrics(exp):

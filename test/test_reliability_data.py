@@ -341,7 +341,7 @@ def test_bad_images_stop_stage2_listing_ten_and_the_count(tmp_path, tiny_clip_co
         data = (images / "good 0.png").read_bytes()
         Path(img[f"torn{k}"]).write_bytes(data[: len(data) // 2])  # truncated PNG
     out = tmp_path / "cache"
-    with pytest.raises(DataError) as e:
+    with pytest.raises(DataError, match=r"^12 of 15 image\(s\) cannot be used") as e:
         compute_image_embeddings(img, encode, preprocess, out, batch_size=4, progress=False)
     lines = str(e.value).splitlines()
     assert lines[0] == "12 of 15 image(s) cannot be used:"

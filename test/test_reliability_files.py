@@ -18,19 +18,10 @@ import pytest
 import torch
 import yaml
 
-from test_train import CONF, REPO, make_corpus, tiny_config
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-class Evil:
-    """Unpickling this creates the directory ``marker`` (a visible side effect)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "speechclip_plus" / "conf"
 
 
 @pytest.fixture
@@ -74,7 +65,7 @@ def test_every_deserialisation_in_the_package_is_safe():
 
 # ---------------------------------------------------------------------------------------------- model files
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
+def model_file(tmp_path_factory, tiny_config):
     """A real (untrained) tiny cplus model file written by ``export_model``."""
     from speechclip_plus.api import export_model
     from speechclip_plus.models.speechclip import build_model
@@ -93,18 +84,18 @@ def _rezip(src: Path, dest: Path, replace) -> None:
             zout.writestr(info, replace(info.filename, zin.read(info.filename)))
 
 
-def test_crafted_truncated_and_restructured_model_files_are_refused(model_file, tmp_path, marker):
+def test_crafted_truncated_and_restructured_model_files_are_refused(model_file, tmp_path, marker, crafted):
     from speechclip_plus import SpeechCLIPPlus
     from speechclip_plus.api import FORMAT, ModelFileError, read_model_file
 
     assert read_model_file(model_file)["format"] == FORMAT  # the untouched file is fine
     evil_pt, evil_pkl = tmp_path / "evil.pt", tmp_path / "evil.pkl"
-    torch.save({"format": FORMAT, "config": {}, "payload": Evil(marker)}, evil_pt)
-    evil_pkl.write_bytes(pickle.dumps(Evil(marker)))
+    torch.save({"format": FORMAT, "config": {}, "payload": crafted(os.mkdir, str(marker))}, evil_pt)
+    evil_pkl.write_bytes(pickle.dumps(crafted(os.mkdir, str(marker))))
     # the same payload inside the real model file: its data.pkl swapped for one that calls os.mkdir
     evil_inside = tmp_path / "evil_inside.pt"
     _rezip(model_file, evil_inside,
-           lambda name, data: pickle.dumps({"format": FORMAT, "x": Evil(marker)}, protocol=2)
+           lambda name, data: pickle.dumps({"format": FORMAT, "x": crafted(os.mkdir, str(marker))}, protocol=2)
            if name.endswith("/data.pkl") else data)
     cut = tmp_path / "cut.pt"
     cut.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
@@ -120,7 +111,7 @@ def test_crafted_truncated_and_restructured_model_files_are_refused(model_file, 
         read_model_file(wrong)
 
 
-def test_crafted_checkpoint_in_an_exp_dir_is_refused(tmp_path, marker):
+def test_crafted_checkpoint_in_an_exp_dir_is_refused(tmp_path, marker, tiny_config, crafted):
     from speechclip_plus import SpeechCLIPPlus
     from speechclip_plus.api import ModelFileError
     from speechclip_plus.config import save_config
@@ -128,7 +119,7 @@ def test_crafted_checkpoint_in_an_exp_dir_is_refused(tmp_path, marker):
     exp = tmp_path / "exp"
     save_config(tiny_config("cplus"), str(exp / "config.yaml"))
     (exp / "checkpoints").mkdir()
-    torch.save({"model": {}, "step": Evil(marker)}, exp / "checkpoints" / "best.pt")
+    torch.save({"model": {}, "step": crafted(os.mkdir, str(marker))}, exp / "checkpoints" / "best.pt")
     with pytest.raises(ModelFileError, match=re.escape(f"{exp / 'checkpoints' / 'best.pt'}: cannot be read as a "
                                                        "training checkpoint")):
         SpeechCLIPPlus.from_pretrained(exp)
@@ -136,7 +127,7 @@ def test_crafted_checkpoint_in_an_exp_dir_is_refused(tmp_path, marker):
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, make_corpus):
     root = tmp_path_factory.mktemp("corpus")
     train, emb = make_corpus(root, 4, 2, seed=0, name="train")
     return {"train_data": str(train), "image_embeds": str(emb)}
@@ -151,11 +142,11 @@ def _train(corpus, exp, *extra, image_embeds=None):
                  "--train.valid_every", "1", "--train.precision", "fp32", "--train.num_workers", "0", *extra])
 
 
-def test_resume_refuses_a_crafted_or_truncated_checkpoint(corpus, tmp_path, marker, capsys):
+def test_resume_refuses_a_crafted_or_truncated_checkpoint(corpus, tmp_path, marker, capsys, crafted):
     exp = tmp_path / "exp"
     last = exp / "checkpoints" / "last.pt"
     last.parent.mkdir(parents=True)
-    torch.save({"format": 1, "step": Evil(marker)}, last)
+    torch.save({"format": 1, "step": crafted(os.mkdir, str(marker))}, last)
     assert _train(corpus, exp, "--resume") == 2
     err = capsys.readouterr().err
     assert re.search(re.escape(f"error: cannot load checkpoint {last}: corrupted, truncated, or it contains "
@@ -172,7 +163,7 @@ def test_resume_refuses_a_crafted_or_truncated_checkpoint(corpus, tmp_path, mark
 
 
 # ---------------------------------------------------------------------------------------------- image caches
-def test_image_embedding_files_never_unpickle_or_run_commands(corpus, tmp_path, marker, capsys):
+def test_image_embedding_files_never_unpickle_or_run_commands(corpus, tmp_path, marker, capsys, crafted):
     from speechclip_plus.data.datadir import DataError
     from speechclip_plus.data.dataset import SpeechImageDataset
     from speechclip_plus.data.image_cache import EmbeddingScp, load_image_embeddings
@@ -182,7 +173,7 @@ def test_image_embedding_files_never_unpickle_or_run_commands(corpus, tmp_path, 
     assert all(v.shape == (48,) and v.dtype == np.float32 for v in good.values())
     # a kaldiio "PKL" record: kaldiio.load_scp would unpickle it
     ark, scp = tmp_path / "evil.ark", tmp_path / "evil.scp"
-    ark.write_bytes(b"img00 PKL" + pickle.dumps(Evil(marker)))
+    ark.write_bytes(b"img00 PKL" + pickle.dumps(crafted(os.mkdir, str(marker))))
     ark2 = tmp_path / "fine.ark"
     ark2.write_bytes((Path(corpus["image_embeds"]).parent / "img_embed.ark").read_bytes())
     offsets = {k: v.rsplit(":", 1)[1] for k, v in

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from speechclip_plus.eval.report import (append_results_md, format_table, is_fraction_key, read_results_json,
-                                         write_md_section, write_results_json, write_with)
+                                         write_md_section, write_results_json)
+from speechclip_plus.io import atomic_path
 
 ROWS = [
     {"model": "c+", "speech_to_image_r1": 0.12345, "recall_mean_10": 0.5, "mean_keywords": 7.126,
@@ -91,12 +92,10 @@ def test_failed_writer_keeps_old_file_and_no_temp(tmp_path):
     path = str(tmp_path / "x.txt")
     open(path, "w").write("old")
 
-    def boom(tmp):
-        open(tmp, "w").write("half")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        write_with(path, boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(path) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("disk full")
     assert open(path).read() == "old" and not leftovers(tmp_path)
 
 

@@ -8,8 +8,6 @@ import os
 import pytest
 import torch
 
-from test_train import make_corpus, tiny_config
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -25,15 +23,11 @@ def _metrics(exp):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    train, emb = make_corpus(root, 8, 4, seed=0, name="train")
-    dev, dev_emb = make_corpus(root, 4, 2, seed=1, name="dev")
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+def data(tmp_path_factory, make_train_dev):
+    return make_train_dev(tmp_path_factory.mktemp("corpus"), dev=(4, 2))
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path):
+def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, tiny_config):
     # hplus: both branches, CIF, keyword BatchNorm buffers; random crops and CIF dropout draw from the RNGs
     # save_frozen false: the (random, seeded) tiny CLIP is left out of checkpoints and rebuilt on resume
     cfg = tiny_config("hplus", model={"cif": {"dropout": 0.3}}, crop=9000, batch_size=2, max_steps=4,
@@ -72,7 +66,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path):
     assert ka["sampler"] == kb["sampler"] and ka["best"] == kb["best"]
 
 
-def test_resume_refuses_a_different_model(data, tmp_path):
+def test_resume_refuses_a_different_model(data, tmp_path, tiny_config):
     from speechclip_plus.config import ConfigError
 
     cfg = tiny_config("p", batch_size=4, max_steps=1, valid_every=1, **data)

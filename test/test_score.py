@@ -1,6 +1,5 @@
-"""Scoring (stage 5), export (stage 6) and extraction on a generated corpus and a briefly trained tiny model.
-
-``make_data_dir`` and ``train_exp`` are shared with ``test_api.py``.
+"""Scoring (stage 5), export (stage 6) and extraction on a generated corpus and a briefly trained tiny model
+(``make_data_dir`` / ``train_exp`` from conftest.py).
 """
 from __future__ import annotations
 
@@ -17,88 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "speechclip_plus" / "conf"
-EMBED_DIM = 48  # speechclip_plus/models/clip_configs/tiny-clip.json
-WORDS = ["dog", "cat", "red", "ball", "grass", "runs", "water", "man", "girl", "beach"]
-
-
-def make_data_dir(root: Path, name: str = "test", n_images: int = 3, caps_per_image: int = 2, seed: int = 0):
-    """A Kaldi data dir: ``n_images`` small PNGs with ``caps_per_image`` spoken captions each (tone + noise,
-    0.6-1.2 s, 16 kHz float WAV), and an image-embedding scp of random unit vectors (kaldiio).
-    Returns (data_dir, img_embed.scp)."""
-    import kaldiio
-    import soundfile as sf
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    d, wavs, imgs, dump = root / "data" / name, root / "wav" / name, root / "img" / name, root / "dump" / name
-    for p in (d, wavs, imgs, dump):
-        p.mkdir(parents=True, exist_ok=True)
-    rows = {k: [] for k in ("wav.scp", "text", "utt2spk", "utt2img", "img.scp")}
-    spk2utt = {}
-    for j in range(n_images):
-        img = f"img{j:02d}"
-        path = imgs / f"{img}.png"
-        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(path)
-        rows["img.scp"].append(f"{img} {path}")
-        for c in range(caps_per_image):
-            i = j * caps_per_image + c
-            spk, utt = f"spk{c}", f"spk{c}-{name}{i:03d}"
-            n = int(16000 * (0.6 + 0.6 * rng.random()))
-            t = np.arange(n) / 16000
-            wav = 0.3 * np.sin(2 * np.pi * (180 + 70 * i) * t) + 0.02 * rng.standard_normal(n)
-            sf.write(wavs / f"{utt}.wav", wav.astype(np.float32), 16000, subtype="FLOAT")
-            rows["wav.scp"].append(f"{utt} {wavs / f'{utt}.wav'}")
-            rows["text"].append(f"{utt} A {WORDS[i % 10]} and the {WORDS[(3 * i + 1) % 10]}.")
-            rows["utt2spk"].append(f"{utt} {spk}")
-            rows["utt2img"].append(f"{utt} {img}")
-            spk2utt.setdefault(spk, []).append(utt)
-    for fname, lines in rows.items():
-        (d / fname).write_text("".join(r + "\n" for r in sorted(lines)))
-    (d / "spk2utt").write_text("".join(f"{s} {' '.join(sorted(u))}\n" for s, u in sorted(spk2utt.items())))
-    with kaldiio.WriteHelper(f"ark,scp:{dump / 'img_embed.ark'},{dump / 'img_embed.scp'}") as w:
-        for j in range(n_images):
-            v = rng.standard_normal(EMBED_DIM).astype(np.float32)
-            w(f"img{j:02d}", v / np.linalg.norm(v))
-    return d, dump / "img_embed.scp"
-
-
-def write_vocab(path: Path) -> str:
-    """A reduced keyword vocabulary (as stage 3 writes it): the CLIP ids of the corpus words plus 200 others,
-    so the tiny models quantise onto a few hundred tokens instead of all 49408."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    from speechclip_plus.models.clip import save_vocab_usage
-
-    tok = SimpleTokenizer()
-    ids = [tok.sot_token_id, tok.eot_token_id]
-    for w in WORDS + ["a", "and", "the", "."]:
-        ids += [i for i in tok.encode(w) if i not in ids]
-    ids += [i for i in range(1000, 1200) if i not in ids]
-    save_vocab_usage(path, ids, list(range(len(ids), 0, -1)))
-    return str(path)
-
-
-def train_exp(root: Path, variant: str, *overrides: str, steps: int = 2):
-    """A real exp dir: the trainer run for ``steps`` optimiser steps on a generated corpus (validation and
-    checkpoints at the end), with a reduced keyword vocabulary. Returns (exp_dir, trainer)."""
-    from speechclip_plus.config import load_config
-    from speechclip_plus.train.trainer import Trainer
-
-    overrides = ("--model.clip.vocab", write_vocab(root / "vocab.txt")) + overrides
-    train, emb = make_data_dir(root, "train", n_images=3, caps_per_image=2, seed=1)
-    data = {"train": {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(train),
-                      "precision": "fp32", "num_workers": 0, "batch_size": 3, "max_steps": steps, "valid_every": steps,
-                      "warmup_steps": 1, "log_every": 1, "lr": 1e-3}}
-    cfg = load_config(str(CONF / f"tiny_{variant}.yaml"), list(overrides), data=data)
-    exp = root / "exp" / f"tiny_{variant}"
-    tr = Trainer(cfg, str(exp), progress=False, console=False)
-    tr.fit()
-    tr.close()
-    return exp, tr
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory):
+def scored(tmp_path_factory, make_data_dir, train_exp):
     """A trained tiny hplus exp dir scored on a test set of 3 images x 2 captions."""
     from speechclip_plus.bin.score import main
 
@@ -156,7 +77,7 @@ def test_results_json_matches_direct_recall_on_model_embeddings(scored):
         assert line.split()[1:] == [k["token"] for k in api.keywords(path)]
     assert kw["n_keywords"] == sum(len(ln.split()) - 1 for ln in lines)
     detail = [json.loads(x) for x in (scored["out"] / "keywords.jsonl").read_text().splitlines()]
-    assert detail[0]["text_tokens"][:2] == ["a</w>", WORDS[0] + "</w>"]  # CLIP BPE of "A dog and the cat."
+    assert detail[0]["text_tokens"][:2] == ["a</w>", "dog</w>"]  # CLIP BPE of "A dog and the cat." (conftest.py)
     assert "." not in "".join(detail[0]["text_tokens"])  # trailing period removed before tokenising
     assert all(k["start"] <= k["end"] for d in detail for k in d["keywords"])
 

@@ -6,13 +6,10 @@ are left out. Without shellcheck the test is skipped, except under CI=true where
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import List
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = ("egs", "utils", "tools", "bench")
@@ -30,11 +27,8 @@ def shell_scripts() -> List[str]:
     return found
 
 
-def test_every_shell_script_is_shellcheck_clean():
-    if shutil.which("shellcheck") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("shellcheck is not installed, and CI=true requires it (apt-get install shellcheck)")
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+def test_every_shell_script_is_shellcheck_clean(require):
+    require("shellcheck")
     scripts = shell_scripts()
     for expected in ("egs/TEMPLATE/speechclip.sh", "egs/TEMPLATE/setup.sh", "egs/flickr8k/run.sh",
                      "egs/flickr8k/db.sh", "egs/flickr8k/local/data.sh", "egs/spokencoco/local/data.sh",

@@ -1,7 +1,7 @@
 """Training engine: schedule, checkpoint files, trainer behaviour and the command-line entry point.
 
-Tiny model (``conf/tiny_*.yaml``: fbank upstream, random tiny CLIP) on a generated corpus of 8 short tones.
-``make_corpus`` / ``tiny_config`` are shared with ``test_resume.py`` and ``test_distributed.py``.
+Tiny model (``conf/tiny_*.yaml``: fbank upstream, random tiny CLIP) on a generated corpus of 8 short tones
+(``make_corpus`` / ``tiny_config`` from conftest.py).
 """
 from __future__ import annotations
 
@@ -21,75 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "speechclip_plus" / "conf"
-EMBED_DIM = 48  # speechclip_plus/models/clip_configs/tiny-clip.json
-
-
-def make_corpus(root: Path, n_utts: int = 8, n_images: int = 4, seed: int = 0, name: str = "train",
-                embed_dim: int = EMBED_DIM, seconds=None):
-    """A Kaldi data dir of ``n_utts`` noisy tones (16 kHz; 0.5-1 s, or all ``seconds`` long) over ``n_images``
-    images plus an image-embedding scp of random unit vectors. Returns (data_dir, img_embed.scp)."""
-    import kaldiio
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    d = root / "data" / name
-    wavs = root / "wav" / name
-    for p in (d, wavs, root / "img"):
-        p.mkdir(parents=True, exist_ok=True)
-    words = ["dog", "cat", "red", "ball", "grass", "runs", "water", "man"]
-    lines = {k: [] for k in ("wav.scp", "text", "utt2spk", "utt2img", "utt2dur")}
-    images = [f"img{j:02d}" for j in range(n_images)]
-    for i in range(n_utts):
-        spk, utt = f"spk{i % 2}", f"spk{i % 2}-{name}{i:03d}"
-        n = int(16000 * (seconds or 0.5 + 0.5 * rng.random()))
-        t = np.arange(n) / 16000
-        wav = 0.3 * np.sin(2 * np.pi * (200 + 60 * i) * t) + 0.01 * rng.standard_normal(n)
-        path = wavs / f"{utt}.wav"
-        sf.write(path, wav.astype(np.float32), 16000)
-        lines["wav.scp"].append(f"{utt} {path}")
-        lines["text"].append(f"{utt} a {words[i % 8]} and a {words[(3 * i + 1) % 8]}")
-        lines["utt2spk"].append(f"{utt} {spk}")
-        lines["utt2img"].append(f"{utt} {images[i % n_images]}")
-        lines["utt2dur"].append(f"{utt} {n / 16000:.4f}")
-    for fname, rows in lines.items():
-        (d / fname).write_text("".join(r + "\n" for r in sorted(rows)))
-    spk2utt = {}
-    for row in sorted(lines["utt2spk"]):
-        utt, spk = row.split()
-        spk2utt.setdefault(spk, []).append(utt)
-    (d / "spk2utt").write_text("".join(f"{s} {' '.join(u)}\n" for s, u in sorted(spk2utt.items())))
-    img_lines = []
-    for img in images:
-        (root / "img" / f"{img}.jpg").write_bytes(b"")
-        img_lines.append(f"{img} {root / 'img' / f'{img}.jpg'}")
-    (d / "img.scp").write_text("".join(r + "\n" for r in sorted(img_lines)))
-    emb_dir = root / "dump" / name
-    emb_dir.mkdir(parents=True, exist_ok=True)
-    with kaldiio.WriteHelper(f"ark,scp:{emb_dir / 'img_embed.ark'},{emb_dir / 'img_embed.scp'}") as w:
-        for img in images:
-            v = rng.standard_normal(embed_dim).astype(np.float32)
-            w(img, v / np.linalg.norm(v))
-    return d, emb_dir / "img_embed.scp"
-
-
-def tiny_config(variant: str = "p", model=None, **train):
-    """Resolved tiny config: float32, no workers, a 0.75 s crop (``crop=False``: none), ``train`` keys and the
-    nested ``model`` dict on top."""
-    from speechclip_plus.config import load_config
-
-    crop = train.pop("crop", 12000)
-    data = {"train": {"precision": "fp32", "num_workers": 0, **train},
-            "model": {"max_audio_len": crop or None, **(model or {})}}
-    return load_config(str(CONF / f"tiny_{variant}.yaml"), data=data)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    train, emb = make_corpus(root, 8, 4, seed=0, name="train")
-    dev, dev_emb = make_corpus(root, 6, 3, seed=1, name="dev")
-    return {"train_data": str(train), "image_embeds": str(emb), "valid_data": str(dev),
-            "valid_image_embeds": str(dev_emb)}
+def corpus(tmp_path_factory, make_train_dev):
+    return make_train_dev(tmp_path_factory.mktemp("corpus"))
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
@@ -188,7 +124,7 @@ def _trainer(cfg, exp, **kw):
     return Trainer(cfg, str(exp), progress=False, console=False, **kw)
 
 
-def test_trainer_writes_checkpoints_metrics_and_logs(corpus, tmp_path):
+def test_trainer_writes_checkpoints_metrics_and_logs(corpus, tmp_path, tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = tiny_config("cplus", max_steps=4, valid_every=2, batch_size=4, keep_checkpoints=1, warmup_steps=1,
@@ -234,7 +170,7 @@ def test_trainer_writes_checkpoints_metrics_and_logs(corpus, tmp_path):
         _trainer(cfg, exp)
 
 
-def test_gradient_accumulation_averages_micro_batch_gradients(corpus, tmp_path):
+def test_gradient_accumulation_averages_micro_batch_gradients(corpus, tmp_path, tiny_config):
     """accum_grad=2: the step's gradient is the mean of the two micro-batches' gradients."""
     from speechclip_plus.data import collate
 
@@ -262,7 +198,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients(corpus, tmp_path):
         torch.testing.assert_close(seen[0][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path):
+def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path, tiny_config):
     from speechclip_plus.train.trainer import TrainingDiverged
 
     cfg = tiny_config("p", max_steps=6, valid_every=2, batch_size=4, max_bad_steps=3, **corpus)
@@ -291,7 +227,7 @@ def test_non_finite_loss_skips_steps_then_stops(corpus, tmp_path):
     assert all(torch.isfinite(p).all() for p in tr.raw_model.parameters())
 
 
-def test_fp16_overflow_skips_the_step_without_moving_the_schedule(corpus, tmp_path):
+def test_fp16_overflow_skips_the_step_without_moving_the_schedule(corpus, tmp_path, tiny_config):
     """A GPU's fp16 path, driven on the CPU with a real GradScaler: gradients that overflow (finite loss) make
     the scaler skip the update; that step must not count, move the LR schedule or reset the bad-step count."""
     from speechclip_plus.config import ConfigError
@@ -326,7 +262,7 @@ def test_fp16_overflow_skips_the_step_without_moving_the_schedule(corpus, tmp_pa
 
 
 @pytest.mark.parametrize("accum_grad,expected", [(1, [2, 4, 5]), (3, [1, 2, 3])])
-def test_validation_once_per_epoch(corpus, tmp_path, accum_grad, expected):
+def test_validation_once_per_epoch(corpus, tmp_path, accum_grad, expected, tiny_config):
     """valid_every: epoch (the reference's cadence): after the step that finishes an epoch's batches, or, when an
     epoch ends inside an accumulation window, after that window's step; and at max_steps."""
     cfg = tiny_config("p", batch_size=4, accum_grad=accum_grad, max_steps=expected[-1], valid_every="epoch",
@@ -342,7 +278,7 @@ def test_validation_once_per_epoch(corpus, tmp_path, accum_grad, expected):
 
 
 @pytest.mark.parametrize("branch", [None, "cascaded"])
-def test_checkpoints_are_selected_on_the_configured_branch(corpus, tmp_path, branch):
+def test_checkpoints_are_selected_on_the_configured_branch(corpus, tmp_path, branch, tiny_config):
     cfg = tiny_config("hplus", max_steps=4, valid_every=1, batch_size=4, model={"retrieval_branch": branch},
                       **corpus)
     tr = _trainer(cfg, tmp_path / "exp")
@@ -354,7 +290,7 @@ def test_checkpoints_are_selected_on_the_configured_branch(corpus, tmp_path, bra
     assert torch.load(tmp_path / "exp" / "checkpoints" / "best.pt", weights_only=True)["step"] == best["step"]
 
 
-def test_per_term_gradient_norms_at_the_shared_encoder(corpus, tmp_path):
+def test_per_term_gradient_norms_at_the_shared_encoder(corpus, tmp_path, tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from speechclip_plus.data import collate
@@ -383,6 +319,85 @@ def test_per_term_gradient_norms_at_the_shared_encoder(corpus, tmp_path):
     assert float(b["grad_norm/cl_cascaded"]) == pytest.approx(float(a["grad_norm/cl_cascaded"]), rel=1e-4)
     assert float(b["grad_cos/cl_parallel~cl_cascaded"]) == pytest.approx(
         float(a["grad_cos/cl_parallel~cl_cascaded"]), abs=1e-4)
+
+
+def test_a_loss_selects_the_lowest_validation_and_a_recall_the_highest(corpus, tmp_path, tiny_config):
+    """train.select_metric: a loss is "min" (best = the lowest validation loss), a recall "max"; a metric without
+    a branch prefix is the retrieval branch's; an unknown one is an error listing the available ones."""
+    from speechclip_plus.config import ConfigError
+
+    rows = {}
+    for metric in ("loss", "speech_to_image_r1"):
+        cfg = tiny_config("p", max_steps=4, valid_every=1, batch_size=4, select_metric=metric, lr=3e-3, **corpus)
+        tr = _trainer(cfg, tmp_path / metric)
+        tr.fit()
+        tr.close()
+        lines = (tmp_path / metric / "checkpoints" / "metrics.jsonl").read_text().splitlines()
+        rows[metric] = [json.loads(x) for x in lines]
+        key = "loss" if metric == "loss" else "parallel/speech_to_image_r1"
+        values = [r[key] for r in rows[metric]]
+        pick = min if metric == "loss" else max
+        best_step = rows[metric][values.index(pick(values))]["step"]  # the first of equal values
+        assert [r["step"] for r in rows[metric] if r["best"]][-1] == best_step, (metric, values)
+        best = torch.load(tmp_path / metric / "checkpoints" / "best.pt", weights_only=True)
+        assert best["step"] == best_step and tr.best["mode"] == ("min" if metric == "loss" else "max")
+    assert len({r["loss"] for r in rows["loss"]}) > 1  # the losses moved: "min" and "max" pick different steps
+    cfg = tiny_config("p", max_steps=1, valid_every=1, batch_size=4, select_metric="recall_mean_7", **corpus)
+    with pytest.raises(ConfigError, match=r"'parallel/recall_mean_7' is not a validation metric; available: .*loss"):
+        _trainer(cfg, tmp_path / "bad").fit()
+
+
+def test_adamw_is_the_decoupled_optimiser_and_resumes_as_such(corpus, tmp_path, tiny_config):
+    """train.optimizer: adamw builds torch's AdamW (decoupled weight decay) with the configured decay; the same
+    step from the same state equals torch.optim.AdamW's own; a resumed run restores its state."""
+    adam = _trainer(tiny_config("p", **corpus), tmp_path / "adam")
+    assert type(adam.optimizer) is torch.optim.Adam  # the default (the reference's)
+    adam.close()
+    cfg = tiny_config("p", max_steps=2, valid_every=2, batch_size=4, optimizer="adamw", weight_decay=0.5, lr=1e-2,
+                      warmup_steps=0, **corpus)
+    tr = _trainer(cfg, tmp_path / "exp")
+    assert type(tr.optimizer) is torch.optim.AdamW
+    assert [g["weight_decay"] for g in tr.optimizer.param_groups] == [0.5]
+    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    reference = [torch.nn.Parameter(p.clone()) for p in start]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    for p, g in zip(reference, grads):
+        p.grad = g.clone()
+    tr.optimizer.step()
+    torch.optim.AdamW(reference, lr=tr.optimizer.param_groups[0]["lr"], weight_decay=0.5).step()
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.detach(), r.detach())
+    with torch.no_grad():
+        for p, s0 in zip(params, start):
+            p.copy_(s0)
+    tr.optimizer.state.clear()
+    tr.fit()
+    tr.close()
+    again = _trainer(dict(cfg, train=dict(cfg["train"], max_steps=3)), tmp_path / "exp", resume=True)
+    assert type(again.optimizer) is torch.optim.AdamW and again.step == 2
+    assert all(int(st["step"]) == 2 for st in again.optimizer.state.values())
+    again.close()
+
+
+def test_close_releases_the_log_files_and_the_event_writer(corpus, tmp_path, tiny_config):
+    """Trainer.close flushes and closes train.log (and the per-rank logs) and TensorBoard: after it the training
+    logger holds no handler and every file it wrote is complete."""
+    import logging
+
+    from speechclip_plus.train.logging import LOGGER_NAME
+
+    cfg = tiny_config("p", max_steps=1, valid_every=1, batch_size=4, **corpus)
+    tr = _trainer(cfg, tmp_path / "exp")
+    logger = logging.getLogger(LOGGER_NAME)
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    assert [os.path.basename(h.baseFilename) for h in files] == ["train.log"] and files[0].stream is not None
+    tr.fit()
+    tr.close()
+    assert logger.handlers == [] and files[0].stream is None and tr.writer._writer is None
+    assert "finished at step 1" in (tmp_path / "exp" / "train.log").read_text().splitlines()[-1]
 
 
 def test_cli_trains_writes_exp_dir_and_resumes(corpus, tmp_path):

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 import soundfile as sf
 from PIL import Image
 
@@ -50,8 +48,8 @@ def snapshot(d):
             if os.path.isfile(os.path.join(d, n))}
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-def test_shellcheck_clean():
+def test_shellcheck_clean(require):
+    require("shellcheck")
     r = subprocess.run(["shellcheck", *SCRIPTS], cwd=UTILS, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -162,3 +160,43 @@ def test_fix_repairs_a_messy_dir(tmp_path):
     assert open(os.path.join(d, ".backup", "text")).read().count("\n") == 5
     for u in ("s1-u2", "s1-u3", "s2-u4"):
         assert u in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- parse_options.sh
+def parse_options(tmp_path, *args):
+    """A script with options stage, stop_stage, train_args that sources utils/parse_options.sh and prints the
+    values and the positional arguments left, '|'-separated."""
+    script = tmp_path / "opts.sh"
+    script.write_text(f"""#!/usr/bin/env bash
+set -euo pipefail
+stage=0
+stop_stage=100
+train_args=""
+help_message='Usage: opts.sh --stage ${{stage}} --stop_stage ${{stop_stage}}'
+. {os.path.join(UTILS, "parse_options.sh")}
+printf '%s|' "${{stage}}" "${{stop_stage}}" "${{train_args}}" "$#" "$@"
+""")
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_parse_options_sets_known_variables_in_every_spelling(tmp_path):
+    r = parse_options(tmp_path, "--stage", "3", "--stop-stage=5", "pos 1", "--train_args", "--train.lr 1e-4 --x=1",
+                      "pos2")
+    assert r.returncode == 0 and r.stdout == "3|5|--train.lr 1e-4 --x=1|2|pos 1|pos2|", r.stderr
+    r = parse_options(tmp_path, "--stop_stage=", "--stage", "")  # empty values are values
+    assert r.returncode == 0 and r.stdout == "|||0|", r.stderr
+    r = parse_options(tmp_path, "--train_args=a=b c")  # only the first '=' splits
+    assert r.stdout == "0|100|a=b c|0|", r.stderr
+
+
+def test_parse_options_refuses_unknown_and_incomplete_options(tmp_path):
+    for args, message in [(["--nope", "1"], "unknown option --nope (see --help)"),
+                          (["--no-pe=1"], "unknown option --no-pe"),
+                          (["--bad.name", "1"], "unknown option --bad.name"),
+                          (["--stage"], "option --stage needs a value")]:
+        r = parse_options(tmp_path, *args)
+        assert r.returncode == 2 and r.stdout == "" and message in r.stderr, (args, r.stderr)
+    r = parse_options(tmp_path, "--stage", "7", "--help")  # help shows the values parsed so far, exit 0
+    assert r.returncode == 0 and r.stdout.strip() == "Usage: opts.sh --stage 7 --stop_stage 100"
+    r = parse_options(tmp_path, "-h")
+    assert r.returncode == 0 and r.stdout.strip() == "Usage: opts.sh --stage 0 --stop_stage 100"

@@ -6,7 +6,7 @@
 The file holds the resolved config, the keyword vocabulary, every weight (frozen CLIP and upstream included)
 and the upstream checkpoint the model was built from, as plain tensors and containers only: it loads with
 ``torch.load(weights_only=True)`` and rebuilds the model on a machine without the exp dir
-(``speechclip_plus.api.read_model_file`` documents the layout). Written atomically.
+(``speechclip_plus.model_file`` documents the layout). Written atomically.
 
 --push_to_hub uploads the written file as ``model.pt`` and a generated model card (``README.md``: usage, model
 summary, data, the experiment's RESULTS.md table, the resolved config) to that Hugging Face Hub repository
@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (export) %(levelname)s: %(message)s")
     if not args.push_to_hub:  # rebuilding the model must not wait on the network; a push needs it
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..api import ModelFileError, exp_config, export_model, load_exp_dir, resolve_checkpoint
+    from ..model_file import ModelFileError, exp_config, export_model, load_exp_dir, resolve_checkpoint
     from ..hub import HubError, validate_repo_id
 
     try:

@@ -8,8 +8,8 @@ Utterance branches (parallel, cascaded, combined = normalize(parallel + cascaded
 retrieval branch) write one unit-norm float32 vector (E,) per utterance. ``hidden`` writes a float32 matrix
 (T, D) per utterance: hidden state ``--layer`` of the list SUPERB sees (upstream states, then the attention
 block's frame outputs; -1 = the last), frames past the utterance's length removed.
-Output: <out_dir>/embed.ark and embed.scp (``<utt> <absolute ark path>:<offset>``), written under temporary
-names and renamed when complete.
+Output: <out_dir>/embed.ark and embed.scp (``<utt> <absolute ark path>:<offset>``, sorted by utterance), written
+under temporary names and renamed when complete (``data.kaldi_ark.write_ark_scp``, the image cache's writer too).
 """
 from __future__ import annotations
 
@@ -22,44 +22,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 log = logging.getLogger("speechclip_plus.extract")
-ARK, SCP = "embed.ark", "embed.scp"
-
-
-def write_ark_scp(out_dir: str, items: Iterator[Tuple[str, np.ndarray]]) -> Tuple[str, int]:
-    """Write ``(key, float32 array)`` pairs to ``out_dir/embed.{ark,scp}`` atomically; returns (scp, count).
-
-    The old scp is removed first, then the complete ark and scp are renamed into place, so an scp never
-    points into an ark it was not written for.
-    """
-    import kaldiio
-
-    from ..io import remove_stale_temps, temp_path_for
-
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    remove_stale_temps(out_dir)  # a killed earlier run's partial ark
-    ark_final, scp_final = os.path.join(out_dir, ARK), os.path.join(out_dir, SCP)
-    ark_tmp, scp_tmp = temp_path_for(ark_final), temp_path_for(scp_final)
-    lines: List[str] = []
-    try:
-        with open(ark_tmp, "wb") as ark:
-            for key, arr in items:
-                offset = ark.tell() + len(key.encode("utf-8")) + 1  # the data follows "<key> "
-                kaldiio.save_ark(ark, {key: np.ascontiguousarray(arr, dtype=np.float32)})
-                lines.append(f"{key} {ark_final}:{offset}\n")
-            ark.flush()
-            os.fsync(ark.fileno())
-        with open(scp_tmp, "w", encoding="utf-8") as f:
-            f.writelines(sorted(lines))
-        if os.path.exists(scp_final):
-            os.remove(scp_final)
-        os.replace(ark_tmp, ark_final)
-        os.replace(scp_tmp, scp_final)
-    finally:
-        for tmp in (ark_tmp, scp_tmp):
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return scp_final, len(lines)
+NAME = "embed"  # <out_dir>/embed.{ark,scp}
 
 
 def extract(model, data_dir: str, branch: str, layer: int = -1, batch_size: int = 16, device: str = "cpu",
@@ -108,8 +71,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (extract) %(levelname)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..api import ModelFileError, load_any, load_exp_dir
+    from ..model_file import ModelFileError, load_any, load_exp_dir
     from ..data.datadir import DataError
+    from ..data.kaldi_ark import write_ark_scp
 
     try:
         model, _, _ = load_any(args.model) if args.model else load_exp_dir(args.exp_dir, args.checkpoint)
@@ -119,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--branch {branch}: variant '{model.variant}' offers {', '.join(available)}")
         model.upstream.per_utterance = False if args.batched_upstream else "auto"
         model.to(args.device)
-        scp, n = write_ark_scp(args.out_dir, extract(model, args.data_dir, branch, args.layer, args.batch_size,
+        scp, n = write_ark_scp(args.out_dir, NAME, extract(model, args.data_dir, branch, args.layer, args.batch_size,
                                                      args.device, not args.no_progress))
     except (ModelFileError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -58,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.batch_size < 1 or args.num_plots < 0:
         print("error: --batch_size must be >= 1 and --num_plots >= 0", file=sys.stderr)
         return 2
-    from ..api import ModelFileError, build_untrained, exp_config, load_any, load_exp_dir, resolve_checkpoint
+    from ..model_file import ModelFileError, build_untrained, exp_config, load_any, load_exp_dir, resolve_checkpoint
     from ..data.datadir import DataError
     from ..eval.scoring import score
 

@@ -28,7 +28,7 @@ import shlex
 import socket
 import subprocess
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..config import ConfigError, dump_config, load_config
 
@@ -131,10 +131,9 @@ def write_run_sh(exp_dir: str, launch: List[str]) -> None:
             f"cd {shlex.quote(os.getcwd())}\n"
             f"{' '.join(shlex.quote(c) for c in cmd)} \"$@\"\n")
     path = os.path.join(exp_dir, "run.sh")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=0o755) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o755)
 
 
 def dry_run(cfg: dict) -> None:
@@ -225,8 +224,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return train(cfg, args.exp_dir, device, args.resume, progress=not args.no_progress)
 
 
-def relaunch(args, argv: Sequence[str], nproc: int, device: str, cfg: Optional[dict] = None) -> int:
-    """Run this command under torchrun with ``nproc`` processes per node; returns torchrun's exit status."""
+def launch_commands(args, argv: Sequence[str], nproc: int, device: str) -> Tuple[List[str], List[str]]:
+    """(the torchrun command of this run with ``nproc`` processes per node, the process options run.sh repeats).
+
+    The children get ``argv`` without the process options (they must not re-launch) plus ``--device``. Several
+    nodes need ``--master_port`` (every node must use the same one); one node picks a free port.
+    """
     from ..train.distributed import torchrun_command
 
     if args.num_nodes > 1 and args.master_port is None:
@@ -238,13 +241,23 @@ def relaunch(args, argv: Sequence[str], nproc: int, device: str, cfg: Optional[d
                    "--master_addr", args.master_addr, "--master_port", str(port)]
     if device != "auto" and not (device == "cuda" and args.ngpu):
         launch += ["--device", device]
+    child_args = _strip_launch_args(argv) + ["--device", device]
+    try:
+        cmd = torchrun_command(child_args, nproc, args.num_nodes, args.node_rank, args.master_addr, port)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cmd, launch
+
+
+def relaunch(args, argv: Sequence[str], nproc: int, device: str, cfg: Optional[dict] = None) -> int:
+    """Run this command under torchrun with ``nproc`` processes per node; returns torchrun's exit status.
+    Node 0 writes run.sh (and warns about the valid set); the other nodes write nothing."""
+    cmd, launch = launch_commands(args, argv, nproc, device)
     if args.node_rank == 0:
         os.makedirs(args.exp_dir, exist_ok=True)
         write_run_sh(args.exp_dir, launch)
         if cfg is not None:
             warn_small_valid_set(cfg)
-    child_args = _strip_launch_args(argv) + ["--device", device]
-    cmd = torchrun_command(child_args, nproc, args.num_nodes, args.node_rank, args.master_addr, port)
     env = dict(os.environ, **{_CHILD_ENV: "1"})
     print("launching: " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
     return subprocess.call(cmd, env=env)
@@ -257,7 +270,6 @@ def train(cfg: dict, exp_dir: str, device: str, resume: bool, progress: bool = T
     from ..train.trainer import Trainer, TrainingDiverged
 
     dist_info = init_distributed(device)
-    trainer = None
     try:
         trainer = Trainer(cfg, exp_dir, dist_info, resume=resume, progress=progress)
         try:
@@ -265,16 +277,16 @@ def train(cfg: dict, exp_dir: str, device: str, resume: bool, progress: bool = T
         except TrainingDiverged as e:
             trainer.log.error(str(e))
             return 1
+        except OSError as e:  # disk full, read-only file system, ...: the last checkpoint written stays valid
+            trainer.log.error(f"error: {e}")  # train.log and the console (a failing log write is reported)
+            return 3
         finally:
-            trainer.close()
+            trainer.close()  # the log files are closed: nothing is logged after this
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, read-only file system, ...: the last checkpoint written stays valid
-        if trainer is not None:  # train.log and the console (a failing log write is reported, not raised)
-            trainer.log.error(f"error: {e}")
-        else:
-            print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # before the trainer (and its log) exists
+        print(f"error: {e}", file=sys.stderr)
         return 3
     finally:
         cleanup()

@@ -7,7 +7,8 @@ ratio). Dumped files are 16-bit PCM WAV, samples clipped to [-1, 32767/32768].
 
 Bad audio (``DataError`` naming the file): missing, unreadable by libsndfile, no samples, or a non-finite
 sample (NaN/inf in a float file) -- at every load; all-silent (peak |x| <= ``SILENCE_PEAK`` = 2^-14, about
--84 dBFS, i.e. at most 2 LSB of 16-bit PCM) -- checked by ``format_audio``, which reads every file in full.
+-84 dBFS, i.e. at most 2 LSB of 16-bit PCM) -- checked by ``format_audio``, which reads every file in full, and
+by the Python API (``read_audio(silence=True)``, ``samples_problem`` for arrays).
 """
 from __future__ import annotations
 
@@ -45,8 +46,24 @@ def _warn_once(path: str, kind: str, message: str) -> None:
         log.warning("%s: %s", path, message)
 
 
-def _read(path: str) -> Tuple[np.ndarray, int]:
-    """(frames, channels) float32 and the sample rate; ``DataError`` naming the file on failure."""
+def samples_problem(data: np.ndarray, where: str, silence: bool = False) -> Optional[str]:
+    """Why the samples ``data`` (any shape) cannot be used, prefixed with ``where``, or None: no samples, a
+    non-finite value (NaN/inf), or with ``silence`` a peak at or below ``SILENCE_PEAK``."""
+    if data.size == 0:
+        return f"{where}: no samples"
+    finite = np.isfinite(data)
+    if not finite.all():
+        return f"{where}: {int(data.size - finite.sum())} non-finite sample value(s) (NaN/inf)"
+    peak = float(np.max(np.abs(data)))
+    if silence and peak <= SILENCE_PEAK:
+        return f"{where}: audio is silent (peak amplitude {peak:.3g} <= {SILENCE_PEAK:.3g}, about -84 dBFS)"
+    return None
+
+
+def read_audio(path: Union[str, os.PathLike], silence: bool = False) -> Tuple[np.ndarray, int]:
+    """(frames, channels) float32 and the sample rate; ``DataError`` naming the file when it is missing,
+    unreadable, has no samples or a non-finite one, or (``silence``) is silent (``samples_problem``)."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: audio file not found")
     try:
@@ -55,10 +72,16 @@ def _read(path: str) -> Tuple[np.ndarray, int]:
         raise DataError(f"{path}: cannot read audio ({e})") from e
     if data.shape[0] == 0:
         raise DataError(f"{path}: audio file has no samples")
-    if not np.isfinite(data).all():
-        n = int(data.size - np.isfinite(data).sum())
-        raise DataError(f"{path}: {n} non-finite sample value(s) (NaN/inf)")
+    problem = samples_problem(data, path, silence)
+    if problem:
+        raise DataError(problem)
     return data, int(sr)
+
+
+def to_mono(data: np.ndarray) -> np.ndarray:
+    """(frames, channels) -> (frames,) float32: x = mean_c x_c."""
+    x = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def resample(x: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
@@ -79,13 +102,10 @@ def load_audio(path: Union[str, os.PathLike], sample_rate: int = 16000, warn: bo
     file when ``warn`` (stage 1 converts such files so training never has to).
     """
     path = os.fspath(path)
-    data, sr = _read(path)
-    if data.shape[1] > 1:
-        if warn:
-            _warn_once(path, "channels", f"{data.shape[1]} channels, averaged to mono")
-        x = data.mean(axis=1, dtype=np.float32)
-    else:
-        x = data[:, 0]
+    data, sr = read_audio(path)
+    if data.shape[1] > 1 and warn:
+        _warn_once(path, "channels", f"{data.shape[1]} channels, averaged to mono")
+    x = to_mono(data)
     if sr != sample_rate:
         if warn:
             _warn_once(path, "rate", f"sample rate {sr} Hz, resampled to {sample_rate} Hz")
@@ -121,11 +141,7 @@ def _format_one(job: Tuple[str, str, str, int]) -> Result:
     """(utt, converted path or None, duration s, error or None, (source rate, channels)) for one entry."""
     utt, path, out, rate = job
     try:
-        data, sr = _read(path)  # a full read: a broken file fails here, not in training
-        peak = float(np.max(np.abs(data)))
-        if peak <= SILENCE_PEAK:
-            return utt, None, 0.0, (f"{path}: audio is silent (peak amplitude {peak:.3g} <= {SILENCE_PEAK:.3g}, "
-                                    "about -84 dBFS)"), (sr, data.shape[1])
+        data, sr = read_audio(path, silence=True)  # a full read: a broken or silent file fails here
         source = (sr, data.shape[1])
         if sr == rate and data.shape[1] == 1:
             return utt, None, data.shape[0] / sr, None, source
@@ -246,4 +262,4 @@ def format_audio(
     return {"utts": len(results), "converted": len(converted)}
 
 
-__all__ = ["load_audio", "resample", "audio_duration", "format_audio"]
+__all__ = ["load_audio", "read_audio", "samples_problem", "to_mono", "resample", "audio_duration", "format_audio"]

@@ -25,16 +25,9 @@ import re
 from typing import Any, Dict, Mapping, Optional
 
 from speechclip_plus.data.datadir import DataError
-from speechclip_plus.io import atomic_write_text
+from speechclip_plus.io import atomic_write_text, cache_dir
 
 CHUNK = 1 << 20
-
-
-def _cache_root() -> str:
-    if os.environ.get("SPEECHCLIP_PLUS_CACHE"):
-        return os.environ["SPEECHCLIP_PLUS_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "speechclip_plus")
 
 
 def file_sha256(path: str) -> str:
@@ -42,7 +35,7 @@ def file_sha256(path: str) -> str:
     path = os.path.abspath(path)
     st = os.stat(path)
     stamp = f"{st.st_size} {st.st_mtime_ns}"
-    memo = os.path.join(_cache_root(), "file_digests", hashlib.sha256(path.encode()).hexdigest()[:32])
+    memo = os.path.join(cache_dir(), "file_digests", hashlib.sha256(path.encode()).hexdigest()[:32])
     try:
         with open(memo, encoding="utf-8") as f:
             saved_stamp, _, digest = f.read().strip().rpartition(" ")

@@ -23,7 +23,7 @@ EmbedSource = Union[str, os.PathLike, Mapping[str, Any], None]
 class SpeechImageDataset(Dataset):
     """Items ``dict(utt, wav (L,) float32, image_id, image_index, image_embed (D,) | None, text)``.
 
-    image_embeds: path to an ``img_embed.scp`` (``image_cache.EmbeddingScp``, read lazily per item) or a
+    image_embeds: path to an ``img_embed.scp`` (``kaldi_ark.EmbeddingScp``, read lazily per item) or a
         mapping image id -> vector; every image used by the data dir must be present. None: no embedding.
     image_loader: ``callable(path) -> tensor`` giving an item's ``image``; only when ``image_embeds`` is None
         (training uses the cache; this is for tools that need pixels).
@@ -61,7 +61,7 @@ class SpeechImageDataset(Dataset):
         if source is None:
             return None
         if isinstance(source, (str, os.PathLike)):
-            from speechclip_plus.data.image_cache import EmbeddingScp  # a reader that never unpickles
+            from speechclip_plus.data.kaldi_ark import EmbeddingScp  # a reader that never unpickles
 
             path = os.fspath(source)
             embeds: Mapping[str, Any] = EmbeddingScp(path)

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from speechclip_plus.eval.keywords import K_BINS
-from speechclip_plus.eval.report import write_with
+from speechclip_plus.io import atomic_path
 
 N_MELS = 80
 N_FFT = 400  # 25 ms at 16 kHz
@@ -48,7 +48,8 @@ def log_mel(wav: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
 
 def _save(fig: Figure, path: str, dpi: float) -> None:
     FigureCanvasAgg(fig)
-    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def plot_cif_segmentation(path: str, wav: np.ndarray, alpha: Sequence[float], fire_frames: Sequence[int],

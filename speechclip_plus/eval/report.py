@@ -1,8 +1,8 @@
 """Result files: ``results.json`` and Markdown ``RESULTS.md`` tables, written atomically.
 
 Contract
-- Every write goes to a temporary file in the destination's directory, which is then renamed over the
-  destination, so a reader never sees a half-written file.
+- Every write goes through ``speechclip_plus.io`` (a temporary file in the destination's directory, renamed over
+  the destination), so a reader never sees a half-written file.
 - Metric values that are fractions in [0, 1] are shown in tables as percentages with 2 decimals. A key is a
   fraction if its name ends in ``_r<k>`` (recall@k), ``recall_mean_<k>``, ``_rate``, ``_rate_at<n>``,
   ``_rate_utt`` or ``coverage`` (the names used by ``retrieval.recall_at_k`` and ``keywords.keyword_metrics``),
@@ -16,9 +16,9 @@ import json
 import math
 import os
 import re
-import stat
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from speechclip_plus.io import atomic_write_text
 
 KINDS = ("pct", "num", "int", "text")
 _FRACTION_RE = re.compile(r"(_r\d+|^recall_mean_\d+|_rate|_rate_at\d+|_rate_utt|coverage)$")
@@ -29,38 +29,6 @@ Column = Union[str, Tuple[str, str], Tuple[str, str, str]]
 def is_fraction_key(key: str) -> bool:
     """True for metric names that hold a fraction in [0, 1] (see the module docstring)."""
     return bool(_FRACTION_RE.search(key))
-
-
-def atomic_write(path: str, data: Union[str, bytes]) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    write_with(path, lambda tmp: _write_file(tmp, data))
-
-
-def _write_file(tmp: str, data: Union[str, bytes]) -> None:
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_with(path: str, writer) -> None:
-    """Call ``writer(tmp_path)`` to produce the file, then rename ``tmp_path`` to ``path``. The temporary name
-    keeps ``path``'s extension (some writers pick the format from it) and is removed if the writer fails."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=directory)
-    os.close(fd)
-    try:
-        writer(tmp)
-        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(obj: Any, where: str) -> Any:
@@ -86,7 +54,7 @@ def write_results_json(path: str, results: Mapping[str, Any]) -> None:
     """Write ``results`` (nested dicts of numbers, strings, lists, tensors) as indented JSON, atomically."""
     if not isinstance(results, Mapping):
         raise TypeError(f"write_results_json({path}): results must be a mapping, got {type(results).__name__}")
-    atomic_write(path, json.dumps(_jsonable(results, ""), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(_jsonable(results, ""), indent=2, allow_nan=False) + "\n")
 
 
 def _columns(columns: Sequence[Column]) -> List[Tuple[str, str, Optional[str]]]:
@@ -167,7 +135,7 @@ def append_results_md(path: str, title: str, rows: Sequence[Mapping[str, Any]], 
     (created with ``header`` if missing). The whole new content is written atomically."""
     text = _read(path, header).rstrip("\n") + "\n\n"
     text += f"## {title}\n\n" + (note.strip() + "\n\n" if note.strip() else "") + format_table(rows, columns)
-    atomic_write(path, text)
+    atomic_write_text(path, text)
 
 
 def _heading_lines(lines: List[str]) -> List[int]:
@@ -197,7 +165,7 @@ def write_md_section(path: str, title: str, body: str, header: str = "# Results"
         while lines and not lines[-1].strip():
             lines.pop()
         lines += [""] + new
-    atomic_write(path, "\n".join(lines).rstrip("\n") + "\n")
+    atomic_write_text(path, "\n".join(lines).rstrip("\n") + "\n")
 
 
 def read_results_json(path: str) -> Dict[str, Any]:

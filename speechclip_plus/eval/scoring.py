@@ -51,8 +51,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import atomic_write_text
 from .keywords import keyword_metrics
-from .report import atomic_write, format_table, write_md_section, write_results_json
+from .report import format_table, write_md_section, write_results_json
 from .retrieval import chance_recall, constant_recalls, recall_at_k, top_k_images
 
 log = logging.getLogger(__name__)
@@ -431,8 +432,8 @@ def score(model, data_dir: str, image_embeds: str, out_dir: str, exp_dir: Option
     os.makedirs(out_dir, exist_ok=True)
     if emb.keywords:
         txt, jsonl = _keyword_lines(model, emb, text_ids)
-        atomic_write(os.path.join(out_dir, "keywords.txt"), txt)
-        atomic_write(os.path.join(out_dir, "keywords.jsonl"), jsonl)
+        atomic_write_text(os.path.join(out_dir, "keywords.txt"), txt)
+        atomic_write_text(os.path.join(out_dir, "keywords.jsonl"), jsonl)
     text_branch = "parallel" if "parallel" in text_retrieval else "cascaded"
     plots = (_plots(model, emb, data_dir, out_dir, model.retrieval_branch, images, image_list, s2i, num_plots)
              + _text_plot(emb, out_dir, text_branch, texts, text_list, s2t, num_plots))

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..io import atomic_write_text
 
 PAD_ID = 0  # open_clip's tokenizer pads with id 0 ("!")
 
@@ -96,21 +97,11 @@ def load_vocab_usage(path: PathLike) -> List[int]:
 
 
 def save_vocab_usage(path: PathLike, ids: Sequence[int], counts: Sequence[int]) -> None:
-    """Write ``<token id> <count>`` lines (the text format of ``load_vocab_usage``); temp file + rename."""
+    """Write ``<token id> <count>`` lines (the text format of ``load_vocab_usage``), atomically."""
     ids, counts = [int(i) for i in ids], [int(c) for c in counts]
     if len(ids) != len(counts):
         raise ValueError(f"save_vocab_usage({path}): {len(ids)} ids but {len(counts)} counts")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(f"{i} {c}\n" for i, c in zip(ids, counts))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, "".join(f"{i} {c}\n" for i, c in zip(ids, counts)))
 
 
 # ---------------------------------------------------------------------------------------------- model

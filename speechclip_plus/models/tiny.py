@@ -9,11 +9,12 @@ every loading path is exercised:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import torch
+
+from ..io import torch_save_atomic
 
 TINY_CLIP_CONFIG = str(Path(__file__).resolve().parent / "clip_configs" / "tiny-clip.json")
 
@@ -82,32 +83,9 @@ def tiny_hubert_state(
     }
 
 
-def save_tiny_hubert(
-    path: Union[str, os.PathLike],
-    dim: int = 32,
-    layers: int = 2,
-    heads: int = 2,
-    ffn: int = 64,
-    conv_dim: int = 32,
-    seed: int = 0,
-    **kwargs,
-) -> str:
-    """Write a random tiny HuBERT checkpoint readable by s3prl's ``hubert_local(ckpt=path)``; returns path.
-
-    The model has ``layers`` transformer layers (s3prl yields ``layers + 1`` hidden states of width ``dim``)
-    and HuBERT's 320x conv downsampling. Extra keyword arguments go to ``tiny_hubert_state``.
-    Written to a temporary name in the same directory, then renamed.
-    """
-    state = tiny_hubert_state(dim, layers, heads, ffn, conv_dim, seed, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def save_tiny_hubert(path: Union[str, os.PathLike], **kwargs) -> str:
+    """Write ``tiny_hubert_state(**kwargs)`` (defaults: 2 layers of width 32) as a checkpoint readable by s3prl's
+    ``hubert_local(ckpt=path)``, atomically (``speechclip_plus.io``); returns ``path``. s3prl yields ``layers + 1``
+    hidden states of width ``dim`` at HuBERT's 320x downsampling."""
+    torch_save_atomic(tiny_hubert_state(**kwargs), path)
     return str(path)

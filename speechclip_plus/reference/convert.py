@@ -1,4 +1,4 @@
-"""Official checkpoint -> ``SpeechCLIP`` -> a model file of this toolkit (``api.export_model`` format).
+"""Official checkpoint -> ``SpeechCLIP`` -> a model file of this toolkit (``model_file.export_model`` format).
 
 Steps of ``import_reference``:
 1. Read the checkpoint safely (``checkpoint.load_reference_checkpoint``) and its config (the stored
@@ -242,7 +242,7 @@ def import_reference(ckpt_path: str, out: str, config_path: Optional[str] = None
                      frozen: str = "check", overrides: Optional[Overrides] = None,
                      allow_globals: Sequence[str] = ()) -> Dict[str, Any]:
     """Convert one official checkpoint into the model file ``out``; returns a summary (also in the meta)."""
-    from ..api import export_model, read_model_file
+    from ..model_file import export_model, read_model_file
     from ..models.speechclip import SpeechCLIP
 
     if frozen not in FROZEN_MODES:

@@ -84,6 +84,7 @@ def setup_logger(exp_dir: Optional[str], rank: int = 0, world_size: int = 1,
 
 
 def close_logger() -> None:
+    """Detach and close every handler of the training logger (its log files are complete and released)."""
     logger = logging.getLogger(LOGGER_NAME)
     for h in list(logger.handlers):
         logger.removeHandler(h)

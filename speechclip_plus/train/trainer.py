@@ -66,7 +66,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .precision import amp_dtype, autocast, cpu_has_native_bf16, needs_grad_scaler, precision_name
-from .logging import ScalarWriter, env_info, setup_logger
+from .logging import ScalarWriter, close_logger, env_info, setup_logger
 from .scheduler import build_scheduler
 
 CHECKPOINT_FORMAT = 1
@@ -615,7 +615,9 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer and the log files (``train.log``, ``train.rank<k>.log``)."""
         self.writer.close()
+        close_logger()
 
 
 def _diff_keys(a: Any, b: Any, prefix: str) -> List[str]:

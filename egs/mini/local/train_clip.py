@@ -15,12 +15,13 @@ EOT pooling this equals ``CLIP.encode_text`` on the 77-token input, at a fractio
 (patch 16, width 192, 4 layers) reached 0.56. bf16 autocast made a step ~20% cheaper at equal recall on a CPU
 with native bf16, and many times slower on one without (``--precision auto`` picks it only where native).
 
-Outputs in ``exp_dir`` (each written to a temp name and renamed):
+Outputs in ``exp_dir`` (each written atomically through ``speechclip_plus.io``):
   clip.pt        the model's ``state_dict()`` (floating tensors in float32)
   <stem>.json    a copy of the model config; register it with ``open_clip.add_model_config`` and load with
                  ``open_clip.create_model_and_transforms(<stem>, pretrained=<exp_dir>/clip.pt)``
   metrics.json   text->image and image->text R@1/5/10 on ``--eval_sets`` (an image query hits when any of
-                 its captions is in the top k), computed with the checkpoint reloaded through open_clip
+                 its captions is in the top k; ties count against the query, as in stage 5's scoring),
+                 computed with the checkpoint reloaded through open_clip
   train.log, .done
 """
 from __future__ import annotations
@@ -47,31 +48,20 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+from speechclip_plus.data.datadir import read_kv  # noqa: E402
+from speechclip_plus.eval.retrieval import chance_recall, recall_at_k  # noqa: E402
+from speechclip_plus.io import atomic_write_text, torch_save_atomic  # noqa: E402
 from speechclip_plus.train.precision import cpu_has_native_bf16  # noqa: E402
 
 LOG = logging.getLogger("train_clip")
 
 
 # ------------------------------------------------------------------------------------------------- data
-def read_table(path: Path) -> Dict[str, str]:
-    """``<key> <value>`` lines -> dict; raises naming the file and line on a malformed or duplicate line."""
-    out: Dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            key, _, value = line.rstrip("\n").partition(" ")
-            if not key or not value:
-                raise ValueError(f"{path}:{ln}: expected '<key> <value>', got {line.rstrip()!r}")
-            if key in out:
-                raise ValueError(f"{path}:{ln}: duplicate key {key!r}")
-            out[key] = value
-    return out
-
-
 def load_split(data_dir: Path) -> Tuple[List[str], List[str], List[List[str]]]:
     """(image ids, image paths, captions per image) of a Kaldi data dir, images in img.scp order."""
-    img_scp = read_table(data_dir / "img.scp")
-    text = read_table(data_dir / "text")
-    utt2img = read_table(data_dir / "utt2img")
+    img_scp = read_kv(data_dir / "img.scp")  # the toolkit's reader: errors name file:line: key
+    text = read_kv(data_dir / "text")
+    utt2img = read_kv(data_dir / "utt2img")
     captions: Dict[str, List[str]] = {k: [] for k in img_scp}
     for utt in sorted(text):
         img = utt2img.get(utt)
@@ -176,19 +166,15 @@ def embed(model: open_clip.CLIP, images: torch.Tensor, tokens: torch.Tensor, chu
 
 def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, txt2img: torch.Tensor,
                      ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """R@k both ways. text->image: the caption's image in the top k; image->text: any caption in the top k."""
-    sim = txt @ img.T  # (captions, images)
+    """R@k both ways with the toolkit's retrieval code (``speechclip_plus.eval.retrieval.recall_at_k``, ties
+    counted against the query), so the teacher's recall and the speech models' compare like with like.
+    text->image: the caption's image in the top k; image->text: any of its captions in the top k."""
+    recall = recall_at_k(txt, img, txt2img, ks, names=("t2i", "i2t"))
     out: Dict[str, float] = {}
-    kmax = min(max(ks), sim.shape[1])
-    top_img = sim.topk(kmax, dim=1).indices
-    hits_t2i = top_img == txt2img[:, None]
-    kmax_t = min(max(ks), sim.shape[0])
-    top_txt = sim.T.topk(kmax_t, dim=1).indices  # (images, kmax_t)
-    hits_i2t = txt2img[top_txt] == torch.arange(img.shape[0])[:, None]
     for k in ks:
-        out[f"t2i_R@{k}"] = round(hits_t2i[:, :k].any(dim=1).double().mean().item(), 4)
-        out[f"i2t_R@{k}"] = round(hits_i2t[:, :k].any(dim=1).double().mean().item(), 4)
-    out["chance_t2i_R@5"] = round(min(5, img.shape[0]) / img.shape[0], 4)
+        out[f"t2i_R@{k}"] = round(recall[f"t2i_r{k}"], 4)
+        out[f"i2t_R@{k}"] = round(recall[f"i2t_r{k}"], 4)
+    out["chance_t2i_R@5"] = round(chance_recall(txt2img, (5,), names=("t2i", "i2t"))["t2i_r5"], 4)
     out["num_images"], out["num_captions"] = img.shape[0], txt.shape[0]
     return out
 
@@ -203,18 +189,6 @@ def evaluate(model, preprocess, tokenizer, data_dir: Path) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def train(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     exp_dir = Path(args.exp_dir)
     data_dir = Path(args.data_dir)
@@ -287,10 +261,10 @@ def train(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
 
     exp_dir.mkdir(parents=True, exist_ok=True)
     ckpt = exp_dir / "clip.pt"
-    atomic_save({k: v.detach().float() if v.is_floating_point() else v.detach()
+    torch_save_atomic({k: v.detach().float() if v.is_floating_point() else v.detach()
                  for k, v in model.state_dict().items()}, ckpt)
     cfg_copy = exp_dir / Path(args.config).name
-    atomic_write(cfg_copy, Path(args.config).read_text(encoding="utf-8"))
+    atomic_write_text(cfg_copy, Path(args.config).read_text(encoding="utf-8"))
 
     # Reload through open_clip's own loader: what stage 2 and the CLIP wrapper will do.
     reloaded, _, preprocess_val = open_clip.create_model_and_transforms(register_config(cfg_copy),
@@ -305,7 +279,7 @@ def train(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
         LOG.info("%s: %s", split, " ".join(f"{k} {v:.3f}" for k, v in metrics[split].items() if "R@" in k))
     metrics["train"] = {"steps": total, "batch_size": batch, "seconds": round(train_seconds, 1),
                         "final_loss": round(loss.item(), 4), "parameters": n_params}
-    atomic_write(exp_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(exp_dir / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 
