@@ -185,3 +185,99 @@ def test_summary_gives_the_verdicts_of_the_rule(tmp_path):
     assert (recipe / "results_plots" / "claims.png").stat().st_size > 0
     assert (recipe / "results_plots" / "grad_norms.png").stat().st_size > 0
     assert "excess duplicates" in report and "30.0 ± 1.0" in report  # c's excess duplicate rate
+
+
+@pytest.mark.parametrize("parallel_r5, code", [(0.95, 0), (0.5, 1)])
+def test_check_bars_sets_the_exit_code(tmp_path, parallel_r5, code):
+    """--check_bars: exit 1 exactly when a bar is missed (here h+'s parallel R@5 against the teacher's), and the
+    report marks the missed bar; mean ± std over seeds in the tables."""
+    s = _summarize()
+    recipe = tmp_path / "egs" / "mini"
+    (recipe / "local").mkdir(parents=True)
+    shutil.copy(REPO / "egs" / "mini" / "local" / "summarize.py", recipe / "local")
+    (recipe / "exp" / "clip_mini").mkdir(parents=True)
+    (recipe / "exp" / "clip_mini" / "metrics.json").write_text(json.dumps({"test": {"t2i_R@5": 1.0}}))
+    for seed, r1 in (("1", 0.5), ("2", 0.6)):
+        res = _results(0.5, 0.5, 0.1, 0.5)
+        res["retrieval"]["parallel"]["speech_to_image_r5"] = parallel_r5
+        res["retrieval"]["parallel"]["speech_to_image_r1"] = r1
+        res["retrieval"]["cascaded"]["speech_to_image_r5"] = s.CASCADED_BAR + 0.05
+        (recipe / "exp" / f"mini_hplus_seed{seed}" / "test").mkdir(parents=True)
+        (recipe / "exp" / f"mini_hplus_seed{seed}" / "test" / "results.json").write_text(json.dumps(res))
+    proc = subprocess.run([sys.executable, str(recipe / "local" / "summarize.py"), "--variants", "hplus",
+                           "--seeds", "1", "2", "--check_bars"], capture_output=True, text=True)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    report = (recipe / "exp" / "RESULTS.md").read_text()
+    bar = next(line for line in report.splitlines() if line.startswith("| h+ parallel S→I R@5 ≥"))
+    assert bar.endswith("| MISSED |" if code else "| pass |"), bar
+    assert "| h+ trained | parallel | 55.0 ± 7.1 |" in report  # R@1 of 50 and 60 %
+    assert ("1 quality bar(s) missed" in proc.stderr) == bool(code)
+
+
+def test_word_emission_counts_each_spoken_word(tmp_path):
+    s = _summarize()
+    jsonl = tmp_path / "keywords.jsonl"
+    records = [{"text": "a red star, a red cross", "keywords": [{"token": "red</w>"}, {"token": "st"},
+                                                               {"token": "red</w>"}]},
+               {"text": "The blue star", "keywords": [{"token": "star</w>"}, {"token": "the</w>"}]}]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert s.word_emission(str(jsonl)) == {"a": (1, 0), "red": (1, 1), "star": (2, 1), "cross": (1, 0),
+                                           "the": (1, 1), "blue": (1, 0)}
+    jsonl.write_text(json.dumps(records[0]) + "\n" + json.dumps({"text": "no keywords"}) + "\n")
+    with pytest.raises(SystemExit, match="keywords.jsonl:2: not a keyword record"):
+        s.word_emission(str(jsonl))
+
+
+def test_untrained_scoring_finds_the_runs_test_image_cache(tmp_path):
+    """The untrained model is scored on the test images of the cache the run trained with (its config's
+    train.image_embeds), never on a cache found by name; a missing one is an error naming both paths."""
+    s = _summarize()
+    exp = tmp_path / "exp" / "mini_hplus_seed1"
+    exp.mkdir(parents=True)
+    assert s.test_image_embeds(str(exp)) is None  # not trained yet
+    cache = tmp_path / "dump" / "clip_key123"
+    (exp / "config.yaml").write_text(f"train: {{image_embeds: {cache}/train/img_embed.scp}}\n")
+    with pytest.raises(SystemExit, match=r"clip_key123/test/img_embed.scp does not exist"):
+        s.test_image_embeds(str(exp))
+    (cache / "test").mkdir(parents=True)
+    (cache / "test" / "img_embed.scp").write_text("")
+    assert s.test_image_embeds(str(exp)) == str(cache / "test" / "img_embed.scp")
+    (exp / "config.yaml").write_text("train: {seed: 1}\n")
+    with pytest.raises(SystemExit, match="no train.image_embeds"):
+        s.test_image_embeds(str(exp))
+
+
+def _recipe_copy(tmp_path):
+    (tmp_path / "egs").mkdir()
+    (tmp_path / "egs" / "TEMPLATE").symlink_to(REPO / "egs" / "TEMPLATE")
+    (tmp_path / "utils").symlink_to(REPO / "utils")
+    recipe = tmp_path / "egs" / "mini"
+    shutil.copytree(REPO / "egs" / "mini", recipe,
+                    ignore=shutil.ignore_patterns("data", "dump", "exp", "downloads", "RESULTS.md", "results_plots",
+                                                  "__pycache__"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return recipe, env
+
+
+def test_run_sh_rejects_bad_options(tmp_path):
+    recipe, env = _recipe_copy(tmp_path)
+    for args, message in ((["--jobs", "0"], "--jobs must be a number >= 1, got '0'"),
+                          (["--jobs", "two"], "--jobs must be a number >= 1, got 'two'"),
+                          (["--variants", "hplus bogus"], "unknown run 'bogus'")):
+        proc = subprocess.run(["./run.sh", *args], cwd=recipe, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
+    assert not (recipe / "data").exists() and not (recipe / "exp").exists()  # nothing started
+
+
+def test_run_sh_jobs_reports_every_failed_run(tmp_path):
+    """Runs side by side (--jobs 2): when runs fail (here: no data prepared), run.sh waits for all, names each
+    failed run with its log, and exits 1."""
+    recipe, env = _recipe_copy(tmp_path)
+    proc = subprocess.run(["./run.sh", "--stage", "4", "--stop_stage", "4", "--variants", "hplus p",
+                           "--seeds", "1 2", "--jobs", "2"], cwd=recipe, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    failed = sorted(line.split()[0] for line in proc.stderr.splitlines() if "(log: exp/logs/" in line)
+    assert failed == ["mini_hplus_seed1", "mini_hplus_seed2", "mini_p_seed1", "mini_p_seed2"], proc.stderr
+    assert (recipe / "exp" / "logs" / "mini_p_seed2.log").stat().st_size > 0

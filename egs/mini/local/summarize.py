@@ -46,6 +46,9 @@ RECIPE = os.path.dirname(HERE)
 NAMES = {"p": "p", "c": "c", "cplus": "c+", "h": "h", "hplus": "h+", "p_ctl": "p (h+ settings)",
          "cplus_dur": "c+ (duration)", "cplus_ref": "c+ (reference)", "hplus_pbt": "h+ (branch temperatures)"}
 R5 = ("speech_to_image_r5", "image_to_speech_r5")
+PARALLEL_BAR = 0.9   # h+ parallel S->I R@5 >= PARALLEL_BAR x teacher T->I R@5
+CASCADED_BAR = 0.5   # h+ cascaded S->I R@5 >= CASCADED_BAR x teacher T->I R@5
+HIT_BAR = 0.7        # h+ keyword subword hit rate
 K_SE = 3.0
 MIN_EFFECT = 0.01
 MIN_SEEDS = 3
@@ -423,14 +426,12 @@ def main(argv=None) -> int:
 
     if "hplus" in runs:
         rs = list(results["hplus"].values())
-        bar("h+ parallel S→I R@5 ≥ 0.9 × teacher T→I R@5", mean_or_none([lookup(r, ("retrieval", "parallel", R5[0]))
-                                                                         for r in rs]),
-            None if t_r5 is None else 0.9 * t_r5)
-        bar("h+ cascaded S→I R@5 ≥ 0.5 × teacher T→I R@5", mean_or_none([lookup(r, ("retrieval", "cascaded", R5[0]))
-                                                                         for r in rs]),
-            None if t_r5 is None else 0.5 * t_r5)
-        bar("h+ keyword subword hit rate ≥ 70%", mean_or_none([lookup(r, ("keywords", "subword_hit_rate"))
-                                                                for r in rs]), 0.7)
+        for branch, factor in (("parallel", PARALLEL_BAR), ("cascaded", CASCADED_BAR)):
+            bar(f"h+ {branch} S→I R@5 ≥ {factor:g} × teacher T→I R@5",
+                mean_or_none([lookup(r, ("retrieval", branch, R5[0])) for r in rs]),
+                None if t_r5 is None else factor * t_r5)
+        bar(f"h+ keyword subword hit rate ≥ {100 * HIT_BAR:g} %",
+            mean_or_none([lookup(r, ("keywords", "subword_hit_rate")) for r in rs]), HIT_BAR)
     for v in runs:
         rs = list(results[v].values())
         for b in ("parallel", "cascaded"):
