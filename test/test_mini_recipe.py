@@ -169,7 +169,8 @@ def test_summary_gives_the_verdicts_of_the_rule(tmp_path):
             (exp / "test" / "results.json").write_text(json.dumps(res))
     writer = ScalarWriter(str(recipe / "exp" / "mini_hplus_seed1" / "tensorboard"))
     for step in (25, 50):
-        writer.scalars({"grad_norm/cl_parallel": 0.5, "grad_norm/cl_cascaded": 2.0}, step, prefix="train/")
+        writer.scalars({"grad_norm/cl_parallel": 0.5, "grad_norm/cl_cascaded": 2.0,
+                        "grad_cos/cl_parallel~cl_cascaded": -0.1 * step / 25}, step, prefix="train/")
     writer.close()
 
     proc = subprocess.run([sys.executable, str(recipe / "local" / "summarize.py"), "--variants", *runs,
@@ -181,7 +182,8 @@ def test_summary_gives_the_verdicts_of_the_rule(tmp_path):
     assert claims["b"].endswith("**holds**."), claims["b"]
     rows = [line for line in report.splitlines() if line.startswith("| b, as published |")]
     assert len(rows) == 1 and "-5.0, +7.0, +11.0" in rows[0] and "cannot tell at this size" in rows[0], rows
-    assert "| h+ | cl_cascaded | 2 | 1 |" in report
+    assert "| h+ | norm cl_cascaded | 2 | 1 |" in report
+    assert "| h+ | cosine cl_parallel~cl_cascaded | -0.15 | 1 |" in report
     assert (recipe / "results_plots" / "claims.png").stat().st_size > 0
     assert (recipe / "results_plots" / "grad_norms.png").stat().st_size > 0
     assert "excess duplicates" in report and "30.0 ± 1.0" in report  # c's excess duplicate rate

@@ -212,8 +212,9 @@ def train_seconds(exp: str) -> Optional[float]:
     return secs
 
 
-def grad_norms(exp: str) -> Dict[str, List[Tuple[int, float]]]:
-    """TensorBoard scalars ``train/grad_norm/<term>`` of a run: term -> [(step, value)] (empty if none)."""
+def grad_norms(exp: str, prefix: str = "train/grad_norm/") -> Dict[str, List[Tuple[int, float]]]:
+    """TensorBoard scalars ``<prefix><term>`` of a run (default the per-term gradient norms; the trainer also
+    logs ``train/grad_cos/<a>~<b>``, the cosine between two terms' gradients): term -> [(step, value)]."""
     tb = os.path.join(exp, "tensorboard")
     if not os.path.isdir(tb):
         return {}
@@ -221,7 +222,6 @@ def grad_norms(exp: str) -> Dict[str, List[Tuple[int, float]]]:
 
     acc = EventAccumulator(tb, size_guidance={"scalars": 0})
     acc.Reload()
-    prefix = "train/grad_norm/"
     return {tag[len(prefix):]: [(e.step, e.value) for e in acc.Scalars(tag)]
             for tag in acc.Tags().get("scalars", []) if tag.startswith(prefix)}
 
@@ -516,16 +516,19 @@ def main(argv=None) -> int:
     norms = {v: grad_norms(f"exp/mini_{v}_seed{seeds[0]}") for v in runs}
     norm_rows = []
     for v in runs:
-        per_term: Dict[str, List[float]] = {}
-        for s in seeds:
-            for term, points in grad_norms(f"exp/mini_{v}_seed{s}").items():
-                per_term.setdefault(term, []).append(statistics.mean(val for _, val in points))
-        for term, values in sorted(per_term.items()):
-            norm_rows.append([name(v), term, f"{statistics.mean(values):.3g}", str(len(values))])
+        for prefix, kind in (("train/grad_norm/", "norm"), ("train/grad_cos/", "cosine")):
+            per_term: Dict[str, List[float]] = {}
+            for s in seeds:
+                for term, points in grad_norms(f"exp/mini_{v}_seed{s}", prefix).items():
+                    per_term.setdefault(term, []).append(statistics.mean(val for _, val in points))
+            for term, values in sorted(per_term.items()):
+                norm_rows.append([name(v), f"{kind} {term}", f"{statistics.mean(values):.3g}", str(len(values))])
     if norm_rows:
-        lines += ["", "## Gradient norm of each loss term at the shared encoder output", "",
-                  "Mean over the logged steps, then over seeds (TensorBoard `train/grad_norm/<term>`).", ""]
-        lines += table(("run", "term", "mean norm", "seeds"), norm_rows)
+        lines += ["", "## Gradients of the loss terms at the shared encoder", "",
+                  "Each weighted loss term's gradient norm, and the cosine between two terms' gradients (< 0: they "
+                  "pull the shared encoder apart); mean over the logged steps, then over seeds (TensorBoard "
+                  "`train/grad_norm/<term>`, `train/grad_cos/<a>~<b>`).", ""]
+        lines += table(("run", "term", "mean", "seeds"), norm_rows)
 
     # Plots next to the report (those of an earlier report there are removed first).
     plot_dir = os.path.join(out_dir, "results_plots")
