@@ -181,7 +181,7 @@ if run_stage 0; then
             "data/<set>/excluded.txt)" >&2
         exit 1
     fi
-    touch "${marker}"
+    [ -f "${marker}" ] || touch "${marker}"  # a re-run that only validated writes nothing
 fi
 
 if run_stage 1; then
