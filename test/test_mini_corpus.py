@@ -25,7 +25,7 @@ MINI = Path(__file__).resolve().parents[1] / "egs" / "mini"
 LOCAL = MINI / "local"
 SPLITS = ("train", "dev", "test")
 FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2img", "img.scp")
-NUM_IMAGES, CAPTIONS, VOICES = 24, 2, 3
+NUM_IMAGES, CAPTIONS, VOICES, GROUP = 24, 2, 3, 2
 
 
 def _load(name: str):
@@ -42,7 +42,7 @@ def _load(name: str):
 def _data_sh(root: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = ["bash", str(LOCAL / "data.sh"), "--corpus_dir", str(root / "corpus"),
            "--data_dir", str(root / "data"), "--num_images", str(NUM_IMAGES),
-           "--captions_per_image", str(CAPTIONS), "--num_voices", str(VOICES),
+           "--captions_per_image", str(CAPTIONS), "--num_voices", str(VOICES), "--eval_group_size", str(GROUP),
            "--python", sys.executable, *extra]
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
 
@@ -120,7 +120,8 @@ def test_rerun_skips_and_refuses_other_options(corpus):
     lost.unlink()
     _load("make_corpus").main(["--corpus_dir", str(corpus / "corpus"), "--data_dir", str(corpus / "data"),
                                "--num_images", str(NUM_IMAGES), "--captions_per_image", str(CAPTIONS),
-                               "--num_voices", str(VOICES), "--nj", "1", "--no_progress"])
+                               "--num_voices", str(VOICES), "--eval_group_size", str(GROUP), "--nj", "1",
+                               "--no_progress"])
     assert lost.read_bytes() == content
     assert [p.stat().st_mtime_ns for i, p in enumerate(wavs) if i != 5] == before[:5] + before[6:]
 
@@ -222,3 +223,64 @@ def test_teacher_trains_and_loads_through_open_clip(corpus, tmp_path):
 
     mtime = (exp / "clip.pt").stat().st_mtime_ns
     assert tc.main(args) == 0 and (exp / "clip.pt").stat().st_mtime_ns == mtime  # .done: skipped
+
+
+# ------------------------------------------------------------------------------ dev/test groups of scenes
+def _one_edit(base, other) -> bool:
+    """True when ``other`` differs from ``base`` by one edit of make_corpus.EDITS (checked from its definition,
+    not from the generator): one attribute of one object; a single object moved; two objects trading places or
+    one attribute; a pair's layout turned."""
+    attrs = ("shape", "colour", "size")
+    if len(base) != len(other):
+        return False
+    if len(base) == 1:
+        return sum(getattr(base[0], k) != getattr(other[0], k) for k in attrs + ("position",)) == 1
+    place = lambda objs: {(o.shape, o.colour, o.size): o.position for o in objs}  # noqa: E731
+    pb, po = place(base), place(other)
+    if set(pb) == set(po):  # the same two objects: they trade places, or the layout turns
+        turn = {"left": "top", "right": "bottom", "top": "left", "bottom": "right"}
+        (x, px), (y, py) = pb.items()
+        return po in ({x: py, y: px}, {x: turn[px], y: turn[py]})
+    a, b = ({o.position: o for o in objs} for objs in (base, other))
+    if set(a) != set(b):
+        return False
+    p, q = sorted(a)
+    changed = [(k, r) for r in (p, q) for k in attrs if getattr(a[r], k) != getattr(b[r], k)]
+    traded = [k for k in attrs if getattr(a[p], k) == getattr(b[q], k) and getattr(a[q], k) == getattr(b[p], k)
+              and getattr(a[p], k) != getattr(a[q], k)]
+    return len(changed) == 1 or (len(changed) == 2 and len(traded) == 1 and changed[0][0] == traded[0])
+
+
+def test_eval_groups_are_one_edit_apart():
+    """Dev and test images come in groups of one base scene and its one-edit variants, all distinct; training
+    images are those of an ungrouped corpus (same seed), so grouping the evaluation sets leaves training alone."""
+    mc = _load("make_corpus")
+    splits = mc.split_sizes(200, 0.1, 0.15)
+    grouped, plain = mc.eval_groups(splits, 8), mc.eval_groups(splits, 1)
+    voices = mc.VOICES[:5]
+    for i in splits["train"]:
+        assert mc.plan_image(3, i, 5, voices, grouped)[0] == mc.plan_image(3, i, 5, voices, plain)[0]
+    kinds = set()
+    for split in ("dev", "test"):
+        idx = list(splits[split])
+        for start in range(0, len(idx), 8):
+            members = [mc.plan_image(3, i, 5, voices, grouped)[0].objs for i in idx[start:start + 8]]
+            assert len({frozenset(m) for m in members}) == len(members), members
+            for other in members[1:]:
+                assert _one_edit(members[0], other), (members[0], other)
+            kinds.add(len(members[0]))
+    assert kinds == {1, 2}  # groups of one-object and of two-object scenes
+    with pytest.raises(ValueError, match="unknown edit"):
+        mc.edit_scene(members[0], "rotate", __import__("random").Random(0))
+
+
+def test_group_size_is_checked_and_recorded(corpus, tmp_path):
+    mc = _load("make_corpus")
+    for bad in ("0", "17"):
+        with pytest.raises(SystemExit, match="eval_group_size"):
+            mc.main(["--corpus_dir", str(tmp_path / "c"), "--data_dir", str(tmp_path / "d"), "--eval_group_size", bad])
+    assert not (tmp_path / "c").exists()
+    params = json.loads((corpus / "corpus" / "params.json").read_text())
+    assert params["eval_group_size"] == 2
+    other = _data_sh(corpus, "--eval_group_size", "3")
+    assert other.returncode != 0 and "eval_group_size" in other.stderr

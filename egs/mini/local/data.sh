@@ -10,6 +10,7 @@ data_dir=data                     # parent of the train/dev/test data dirs
 num_images=1000                   # images in the corpus (train/dev/test = 75/10/15 %)
 captions_per_image=5              # spoken captions per image, each from another template and voice (1..6)
 num_voices=10                     # use the first N voice variants (1..10)
+eval_group_size=1                 # dev/test images in groups of N near-identical scenes (1 = independent)
 image_size=64                     # image side in pixels (must match conf/clip_mini.json)
 seed=0                            # everything generated is a function of the seed
 nj=2                              # synthesis worker processes
@@ -24,6 +25,7 @@ Options (default):
   --num_images N             ($num_images)
   --captions_per_image N     ($captions_per_image)
   --num_voices N             ($num_voices)
+  --eval_group_size N        ($eval_group_size)
   --image_size N             ($image_size)
   --seed N                   ($seed)
   --nj N                     ($nj)
@@ -35,7 +37,8 @@ EOF
 while [ $# -gt 0 ]; do
   case "$1" in
     --help|-h) echo "$help_message"; exit 0 ;;
-    --corpus_dir|--data_dir|--num_images|--captions_per_image|--num_voices|--image_size|--seed|--nj|--python)
+    --corpus_dir|--data_dir|--num_images|--captions_per_image|--num_voices|--eval_group_size|--image_size|--seed|\
+    --nj|--python)
       if [ $# -lt 2 ]; then echo "$0: option $1 needs a value" >&2; echo "$help_message" >&2; exit 2; fi
       name=${1#--}
       printf -v "$name" '%s' "$2"
@@ -54,8 +57,8 @@ start=$SECONDS
 log "making corpus: ${num_images} images x ${captions_per_image} captions -> ${corpus_dir}, ${data_dir}"
 HF_HUB_OFFLINE=1 "$python" "$local_dir/make_corpus.py" \
   --corpus_dir "$corpus_dir" --data_dir "$data_dir" --num_images "$num_images" \
-  --captions_per_image "$captions_per_image" --num_voices "$num_voices" --image_size "$image_size" \
-  --seed "$seed" --nj "$nj"
+  --captions_per_image "$captions_per_image" --num_voices "$num_voices" --eval_group_size "$eval_group_size" \
+  --image_size "$image_size" --seed "$seed" --nj "$nj"
 
 # make_corpus.py checks its own output; the toolkit's validator, when installed, checks more (audio, images).
 if "$python" -c "from speechclip_plus.data.datadir import check_data_dir" 2>/dev/null; then

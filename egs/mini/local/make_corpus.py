@@ -9,17 +9,25 @@ synonyms such as big/large or top/above): a keyword then hits the transcription 
 was spoken, and the templates vary the sentence around those words. Each caption is spoken by a different
 voice variant (espeak-ng voice + speed + pitch), resampled 22.05 kHz -> 16 kHz, written as 16-bit PCM.
 
-Everything is a pure function of (seed, image index): image ``i`` uses ``random.Random(f"{seed}:{i}")``,
-so images, captions and voice choices do not depend on the worker count or on the order of work.
+With ``--eval_group_size G`` > 1 the dev and test images come in groups of G consecutive images of
+near-identical scenes: a base scene and G - 1 variants that each differ from it by one edit (an object's colour,
+shape or size; two objects trading places, colours, shapes or sizes; a left/right pair turned top/bottom). A
+caption then identifies its image only if its every word is heard and bound to the right object, so retrieval
+on these splits is far harder than on independent scenes; training images stay independent.
+
+Everything is a pure function of (seed, image index): image ``i`` uses ``random.Random(f"{seed}:{i}")``
+(and its group's base scene ``random.Random(f"{seed}:group<split start>:<group>")``), so images, captions and
+voice choices do not depend on the worker count or on the order of work.
 
 Outputs
   <corpus_dir>/images/<img>.png, <corpus_dir>/wavs/<utt>.wav, <corpus_dir>/manifest.tsv,
   <corpus_dir>/params.json (written first) and <corpus_dir>/.done (written last; its presence = complete);
   <data_dir>/{train,dev,test}/{wav.scp,text,utt2spk,spk2utt,utt2img,img.scp}, LC_ALL=C sorted, absolute paths.
 Utterance ids are ``<voice>-<image id>-<n>`` (speaker = voice). Splits are by image: the first images
-are train, then dev, then test (images are i.i.d., so contiguous ranges are unbiased).
+are train, then dev, then test (training images are i.i.d., so a contiguous range is unbiased).
 Re-running with the same options skips the synthesis; files already written by an interrupted run are
-kept (every file is written to a temp name and renamed, so an existing file is a complete one).
+kept (every file is written to a temp name and renamed, so an existing file is a complete one; temp files of a
+killed run are removed).
 """
 from __future__ import annotations
 
@@ -34,12 +42,14 @@ import random
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from speechclip_plus.io import atomic_path, atomic_write_text, remove_stale_temps
 
 LOG = logging.getLogger("make_corpus")
 
@@ -123,6 +133,76 @@ def sample_scene(rng: random.Random) -> List[Obj]:
                 break
         objs.append(obj)
     return objs
+
+
+# One-change edits that turn a scene into a near-identical one (the dev/test groups, see ``scene_variants``).
+EDITS: Tuple[str, ...] = ("colour", "shape", "size", "position", "swap_colours", "swap_shapes", "swap_sizes",
+                          "layout")
+MAX_GROUP = 16  # a one-object scene has 18 one-edit variants (7 colours, 6 shapes, 1 size, 4 positions)
+SWAPS = {"swap_colours": "colour", "swap_shapes": "shape", "swap_sizes": "size"}
+TURN = {"left": "top", "right": "bottom", "top": "left", "bottom": "right"}
+
+
+def _valid(objs: Sequence[Obj]) -> bool:
+    return len({(o.shape, o.colour, o.size) for o in objs}) == len(objs)
+
+
+def edit_scene(objs: Sequence[Obj], kind: str, rng: random.Random) -> Optional[Tuple[Obj, ...]]:
+    """``objs`` with one change of ``kind`` (one of EDITS), or None where it does not apply or would make the
+    two objects alike. colour/shape/size: one object's attribute; position: the single object moves, or the two
+    objects trade places; swap_*: the two objects trade that attribute; layout: a left/right pair becomes
+    top/bottom or back."""
+    objs = list(objs)
+    pair = len(objs) == 2
+    if kind in ("colour", "shape", "size"):
+        k = rng.randrange(len(objs))
+        o = objs[k]
+        if kind == "colour":
+            objs[k] = replace(o, colour=rng.choice([c for c in COLOURS if c != o.colour]))
+        elif kind == "shape":
+            objs[k] = replace(o, shape=rng.choice([s for s in SHAPES if s != o.shape]))
+        else:
+            objs[k] = replace(o, size=SIZES[1 - SIZES.index(o.size)])
+    elif kind == "position":
+        if pair:
+            a, b = objs
+            objs = [replace(a, position=b.position), replace(b, position=a.position)]
+        else:
+            objs[0] = replace(objs[0], position=rng.choice([p for p in SINGLE_POSITIONS if p != objs[0].position]))
+    elif kind in SWAPS:
+        attr = SWAPS[kind]
+        if not pair or getattr(objs[0], attr) == getattr(objs[1], attr):
+            return None
+        a, b = objs
+        objs = [replace(a, **{attr: getattr(b, attr)}), replace(b, **{attr: getattr(a, attr)})]
+    elif kind == "layout":
+        if not pair:
+            return None
+        objs = [replace(o, position=TURN[o.position]) for o in objs]
+    else:
+        raise ValueError(f"unknown edit {kind!r} (one of {', '.join(EDITS)})")
+    return tuple(objs) if _valid(objs) else None
+
+
+def scene_variants(base: Sequence[Obj], rng: random.Random, n: int) -> List[Tuple[Obj, ...]]:
+    """``base`` and ``n - 1`` distinct scenes that each differ from it by one edit, the edit kinds taken in
+    turns (shuffled each round) so that every applicable kind is about equally common."""
+    out, seen = [tuple(base)], {frozenset(base)}
+    for _ in range(4 * n):
+        kinds = list(EDITS)
+        rng.shuffle(kinds)
+        for kind in kinds:
+            if len(out) == n:
+                return out
+            for _ in range(8):
+                scene = edit_scene(base, kind, rng)
+                if scene is not None and frozenset(scene) not in seen:
+                    out.append(scene)
+                    seen.add(frozenset(scene))
+                    break
+    if len(out) < n:
+        raise ValueError(f"could not make {n} distinct variants of {base}")
+    return out
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> List[Tuple[float, float]]:
@@ -288,13 +368,34 @@ def image_id(index: int) -> str:
     return f"img{index:05d}"
 
 
-def plan_image(seed: int, index: int, captions_per_image: int,
-               voices: Sequence[Voice]) -> Tuple[ImageItem, random.Random]:
+@dataclass(frozen=True)
+class Groups:
+    """Image index ranges (the dev and test splits) whose images come in groups of ``size`` consecutive
+    indices: one base scene and its ``size - 1`` one-edit variants (``scene_variants``). size 1: none."""
+
+    ranges: Tuple[Tuple[int, int], ...] = ()
+    size: int = 1
+
+    def scene(self, seed: int, index: int) -> Optional[Tuple[Obj, ...]]:
+        """The scene of image ``index`` when it belongs to a group, else None (an independent scene)."""
+        if self.size <= 1:
+            return None
+        for start, stop in self.ranges:
+            if start <= index < stop:
+                group, member = divmod(index - start, self.size)
+                rng = random.Random(f"{seed}:group{start}:{group}")
+                return scene_variants(sample_scene(rng), rng, self.size)[member]
+        return None
+
+
+def plan_image(seed: int, index: int, captions_per_image: int, voices: Sequence[Voice],
+               groups: Groups = Groups()) -> Tuple[ImageItem, random.Random]:
     """Scene, captions and voices of image ``index``; also returns the rng state to render it with."""
     if captions_per_image > len(voices):
         raise ValueError(f"captions_per_image={captions_per_image} needs as many voices, got {len(voices)}")
     rng = random.Random(f"{seed}:{index}")
-    objs = tuple(sample_scene(rng))
+    grouped = groups.scene(seed, index)
+    objs = tuple(sample_scene(rng)) if grouped is None else grouped
     texts = make_captions(objs, rng, captions_per_image)
     spk = rng.sample(list(voices), captions_per_image)
     img = image_id(index)
@@ -303,21 +404,23 @@ def plan_image(seed: int, index: int, captions_per_image: int,
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+_RESAMPLERS: Dict[int, object] = {}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = _atomic_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def resample(wav: np.ndarray, rate: int) -> np.ndarray:
+    """``wav`` at ``rate`` -> TARGET_RATE with torchaudio's ``Resample`` (its filter made once per rate)."""
+    import torch
+    import torchaudio
+
+    if rate not in _RESAMPLERS:
+        _RESAMPLERS[rate] = torchaudio.transforms.Resample(rate, TARGET_RATE)
+    with torch.no_grad():
+        return _RESAMPLERS[rate](torch.from_numpy(wav)).clamp_(-1.0, 1.0).numpy()
 
 
 def synthesize(text: str, voice: Voice) -> np.ndarray:
-    """espeak-ng speech of ``text`` as float32 mono at TARGET_RATE (torchaudio resampling)."""
+    """espeak-ng speech of ``text`` as float32 mono at TARGET_RATE."""
     import soundfile as sf
-    import torch
-    import torchaudio.functional as AF
 
     cmd = ["espeak-ng", "-v", voice.voice, "-s", str(voice.speed), "-p", str(voice.pitch), "--stdout", text]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
@@ -327,20 +430,19 @@ def synthesize(text: str, voice: Voice) -> np.ndarray:
     wav, rate = sf.read(io.BytesIO(proc.stdout), dtype="float32")
     if wav.ndim != 1:
         wav = wav.mean(axis=1)
-    out = AF.resample(torch.from_numpy(wav), rate, TARGET_RATE)
-    return out.clamp_(-1.0, 1.0).numpy()
+    return resample(wav, rate)
 
 
 _WORKER: Dict[str, object] = {}
 
 
 def _init_worker(corpus_dir: str, seed: int, captions_per_image: int, voices: Tuple[Voice, ...],
-                 side: int) -> None:
+                 side: int, groups: Groups) -> None:
     import torch
 
     torch.set_num_threads(1)
     _WORKER.update(corpus_dir=Path(corpus_dir), seed=seed, cpi=captions_per_image,
-                   voices=voices, side=side)
+                   voices=voices, side=side, groups=groups)
 
 
 def _make_one(index: int) -> int:
@@ -350,21 +452,19 @@ def _make_one(index: int) -> int:
     corpus: Path = _WORKER["corpus_dir"]  # type: ignore[assignment]
     voices = {v.name: v for v in _WORKER["voices"]}  # type: ignore[union-attr]
     item, rng = plan_image(_WORKER["seed"], index, _WORKER["cpi"],  # type: ignore[arg-type]
-                           tuple(voices.values()))
+                           tuple(voices.values()), _WORKER["groups"])  # type: ignore[arg-type]
     written = 0
     png = corpus / "images" / f"{item.image_id}.png"
     if not png.exists():
-        tmp = _atomic_path(png)
-        render(item.objs, rng, _WORKER["side"]).save(tmp, format="PNG")  # type: ignore[arg-type]
-        os.replace(tmp, png)
+        with atomic_path(png) as tmp:
+            render(item.objs, rng, _WORKER["side"]).save(tmp, format="PNG")  # type: ignore[arg-type]
         written += 1
     for u in item.utts:
         wav_path = corpus / "wavs" / f"{u.utt}.wav"
         if wav_path.exists():
             continue
-        tmp = _atomic_path(wav_path)
-        sf.write(tmp, synthesize(u.text, voices[u.voice]), TARGET_RATE, subtype="PCM_16", format="WAV")
-        os.replace(tmp, wav_path)
+        with atomic_path(wav_path) as tmp:
+            sf.write(tmp, synthesize(u.text, voices[u.voice]), TARGET_RATE, subtype="PCM_16", format="WAV")
         written += 1
     return written
 
@@ -385,6 +485,11 @@ def _lines(pairs: Iterable[Tuple[str, str]]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(pairs, key=lambda kv: kv[0].encode()))
 
 
+def eval_groups(splits: Dict[str, range], size: int) -> Groups:
+    """The dev and test ranges of ``split_sizes`` in groups of ``size`` (``Groups``)."""
+    return Groups(tuple((splits[s].start, splits[s].stop) for s in ("dev", "test")), size)
+
+
 def write_data_dir(out: Path, items: Sequence[ImageItem], corpus: Path) -> None:
     """Kaldi data dir for ``items``: every file key-sorted in byte order (LC_ALL=C) with absolute paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -401,7 +506,7 @@ def write_data_dir(out: Path, items: Sequence[ImageItem], corpus: Path) -> None:
         "img.scp": _lines((it.image_id, str(corpus / "images" / f"{it.image_id}.png")) for it in items),
     }
     for name, content in files.items():
-        write_text_atomic(out / name, content)
+        atomic_write_text(out / name, content)
 
 
 def check_data_dir(d: Path) -> None:
@@ -439,13 +544,14 @@ def check_data_dir(d: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
-CORPUS_VERSION = 2  # bumped when the generator's output changes (2: one word per attribute, no synonyms)
+CORPUS_VERSION = 3  # bumped when the generator's output changes (2: one word per attribute; 3: dev/test groups)
 
 
 def corpus_params(args: argparse.Namespace, voices: Sequence[Voice]) -> Dict[str, object]:
     return {"version": CORPUS_VERSION, "seed": args.seed, "num_images": args.num_images,
             "captions_per_image": args.captions_per_image, "image_size": args.image_size,
-            "dev_fraction": args.dev_fraction, "test_fraction": args.test_fraction, "voices": [asdict(v) for v in voices]}
+            "dev_fraction": args.dev_fraction, "test_fraction": args.test_fraction,
+            "eval_group_size": args.eval_group_size, "voices": [asdict(v) for v in voices]}
 
 
 def build_corpus(args: argparse.Namespace) -> Path:
@@ -457,6 +563,7 @@ def build_corpus(args: argparse.Namespace) -> Path:
     voices = VOICES[: args.num_voices]
     params = corpus_params(args, voices)
     splits = split_sizes(args.num_images, args.dev_fraction, args.test_fraction)
+    groups = eval_groups(splits, args.eval_group_size)
     params_file, done = corpus / "params.json", corpus / ".done"
     if params_file.exists():
         old = json.loads(params_file.read_text(encoding="utf-8"))
@@ -464,7 +571,7 @@ def build_corpus(args: argparse.Namespace) -> Path:
             diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
             raise SystemExit(f"{corpus} holds a corpus made with other options ({', '.join(diff)} differ, "
                              f"see {params_file}); remove it or pass another --corpus_dir")
-    items = [plan_image(args.seed, i, args.captions_per_image, voices)[0] for i in range(args.num_images)]
+    items = [plan_image(args.seed, i, args.captions_per_image, voices, groups)[0] for i in range(args.num_images)]
     expected = [corpus / "images" / f"{it.image_id}.png" for it in items]
     expected += [corpus / "wavs" / f"{u.utt}.wav" for it in items for u in it.utts]
     if done.exists():
@@ -480,10 +587,11 @@ def build_corpus(args: argparse.Namespace) -> Path:
             raise SystemExit("espeak-ng not found: install it (apt-get install espeak-ng)")
         for sub in ("images", "wavs"):
             (corpus / sub).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(params_file, json.dumps(params, indent=1) + "\n")
+            remove_stale_temps(corpus / sub)  # left by an interrupted run
+        atomic_write_text(params_file, json.dumps(params, indent=1) + "\n")
         from tqdm import tqdm
 
-        init = (str(corpus), args.seed, args.captions_per_image, tuple(voices), args.image_size)
+        init = (str(corpus), args.seed, args.captions_per_image, tuple(voices), args.image_size, groups)
         LOG.info("synthesising %d images x %d captions with %d voices, %d workers into %s",
                  args.num_images, args.captions_per_image, len(voices), args.nj, corpus)
         written = 0
@@ -503,10 +611,10 @@ def build_corpus(args: argparse.Namespace) -> Path:
         bar.close()
         rows = sorted((u.utt, it.image_id, split, u.voice, u.text)
                       for split, rng_ in splits.items() for it in (items[i] for i in rng_) for u in it.utts)
-        write_text_atomic(corpus / "manifest.tsv",
+        atomic_write_text(corpus / "manifest.tsv",
                           "utt\timage\tsplit\tvoice\ttext\n" + "".join("\t".join(r) + "\n" for r in rows))
         LOG.info("wrote %d new files", written)
-        write_text_atomic(done, json.dumps(params, indent=1) + "\n")
+        atomic_write_text(done, json.dumps(params, indent=1) + "\n")
 
     for split, idx in splits.items():
         write_data_dir(data / split, [items[i] for i in idx], corpus)
@@ -527,6 +635,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=64, help="image side in pixels")
     p.add_argument("--dev_fraction", type=float, default=0.1)
     p.add_argument("--test_fraction", type=float, default=0.15)
+    p.add_argument("--eval_group_size", type=int, default=1,
+                   help=f"dev/test images in groups of this many near-identical scenes (1..{MAX_GROUP}; 1 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nj", type=int, default=2, help="synthesis worker processes")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
@@ -538,6 +648,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     if args.num_images < 3:
         raise SystemExit("--num_images must be >= 3 (one image per split at least)")
+    if not 1 <= args.eval_group_size <= MAX_GROUP:
+        raise SystemExit(f"--eval_group_size must be in 1..{MAX_GROUP}, got {args.eval_group_size}")
     build_corpus(args)
 
 
