@@ -13,7 +13,7 @@ Workload: frame counts 150..250 per batch (right padding), weights ``sigmoid(1.5
 Times are the best of interleaved repeats (see ``timeit``): for each batch size and pass, the floor, ours and
 torch-cif in both modes run in the same rounds, so their ratios share the machine's load.  ``--baseline FILE``
 adds another version of ``speechclip_plus/models/cif.py`` to the same rounds (a before/after record), e.g.
-``git show REV:speechclip_plus/models/cif.py > /tmp/cif_before.py``.
+``git show REV:speechclip_plus/models/cif.py > cif_before.py``.
 
 Floors, the memory traffic no CIF can avoid: forward = one read of the (B, S, C) frames (``hidden.sum()``);
 forward+backward = two reads of the frames and one write of a fresh (B, S, C) tensor (``hidden.sum()`` and
