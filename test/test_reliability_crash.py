@@ -292,10 +292,11 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one_and_resumes(corpus
     real_save = torch.save
     seen = {}
 
-    def save(obj, f, *a, **kw):
-        if os.path.basename(str(f)).startswith(".step-4.tmp-"):
-            seen["last.pt"] = sha(Path(f).parent / "last.pt")
-            Path(f).write_bytes(b"PK\x03\x04" + b"\0" * 1000)
+    def save(obj, f, *a, **kw):  # f: the temporary file, opened for writing by io.torch_save_atomic
+        path = Path(getattr(f, "name", f))
+        if path.name.startswith(".step-4.tmp-"):
+            seen["last.pt"] = sha(path.parent / "last.pt")
+            f.write(b"PK\x03\x04" + b"\0" * 1000)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **kw)
 
